@@ -1,0 +1,79 @@
+"""sagakit: durable sagas. Steps with compensations, retries, timeouts and crash recovery.
+
+Quick start::
+
+    from sagakit import App, Saga, step
+
+    app = App()  # state in ./sagakit.db
+    app.register(Saga("Order", steps=[step("reserve", reserve, compensate=release)]))
+    handle = await app.start("Order", {"order_id": "A1"}, idempotency_key="A1")
+    print(await handle.result())
+"""
+
+from sagakit.app import App, SagaHandle, SagaInfo
+from sagakit.definition import RetryPolicy, Saga, Step, step
+from sagakit.errors import (
+    ConfigurationError,
+    CorruptPayload,
+    DatabaseOwned,
+    DefinitionError,
+    DuplicateSagaType,
+    DuplicateStepName,
+    InvalidRetryPolicy,
+    InvalidSagaState,
+    InvalidStep,
+    NonDeterminismError,
+    NotSerializable,
+    PayloadError,
+    SagaDeadlineExceeded,
+    SagaFailed,
+    SagakitError,
+    SagaNotFound,
+    SchemaTooNew,
+    StepError,
+    StepFailed,
+    StepTimedOut,
+    StoreError,
+    UnknownSagaType,
+)
+from sagakit.journal import Entry, Kind, SagaState
+from sagakit.sync import SyncApp
+from sagakit.workflow import StepContext, WorkflowContext
+
+__all__ = [
+    "App",
+    "ConfigurationError",
+    "CorruptPayload",
+    "DatabaseOwned",
+    "DefinitionError",
+    "DuplicateSagaType",
+    "DuplicateStepName",
+    "Entry",
+    "InvalidRetryPolicy",
+    "InvalidSagaState",
+    "InvalidStep",
+    "Kind",
+    "NonDeterminismError",
+    "NotSerializable",
+    "PayloadError",
+    "RetryPolicy",
+    "Saga",
+    "SagaDeadlineExceeded",
+    "SagaFailed",
+    "SagaHandle",
+    "SagaInfo",
+    "SagaNotFound",
+    "SagaState",
+    "SagakitError",
+    "SchemaTooNew",
+    "Step",
+    "StepContext",
+    "StepError",
+    "StepFailed",
+    "StepTimedOut",
+    "StoreError",
+    "SyncApp",
+    "UnknownSagaType",
+    "WorkflowContext",
+    "step",
+]

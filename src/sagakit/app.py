@@ -1,0 +1,380 @@
+"""App: configuration, the registry of saga definitions, and start/get/list/retry/resolve."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from sagakit.codec import decode, encode
+from sagakit.definition import Saga, Workflow
+from sagakit.errors import (
+    ConfigurationError,
+    DatabaseOwned,
+    DuplicateSagaType,
+    InvalidSagaState,
+    SagaFailed,
+    SagaNotFound,
+    UnknownSagaType,
+)
+from sagakit.journal import TERMINAL, Entry, Kind, SagaState, project
+from sagakit.store import open_store
+from sagakit.store.base import SagaRecord
+from sagakit.worker import Runner
+
+log = logging.getLogger("sagakit")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SagaInfo:
+    """A saga as ``app.get`` and ``app.list`` report it."""
+
+    id: str
+    saga_type: str
+    version: int
+    state: SagaState
+    idempotency_key: str | None
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    current_step: str | None
+    created_at: datetime
+    updated_at: datetime
+    deadline: datetime | None
+
+    @classmethod
+    def of(cls, r: SagaRecord) -> SagaInfo:
+        return cls(
+            id=r.id,
+            saga_type=r.saga_type,
+            version=r.version,
+            state=r.state,
+            idempotency_key=r.idempotency_key,
+            input=decode(r.input),
+            output=decode(r.output),
+            error=r.error,
+            current_step=r.current_step,
+            created_at=datetime.fromtimestamp(r.created_at).astimezone(),
+            updated_at=datetime.fromtimestamp(r.updated_at).astimezone(),
+            deadline=None
+            if r.deadline is None
+            else datetime.fromtimestamp(r.deadline).astimezone(),
+        )
+
+
+class SagaHandle:
+    """A started saga. ``created`` is False when ``start`` found an existing saga for the
+    idempotency key."""
+
+    def __init__(self, app: App, saga_id: str, *, created: bool = False) -> None:
+        self.app = app
+        self.id = saga_id
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"SagaHandle({self.id!r})"
+
+    async def status(self) -> SagaInfo:
+        return await self.app.get(self.id)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait until the saga stops moving and return its output.
+
+        Raises:
+            SagaFailed: it ended failed, cancelled or in needs_attention (``.state`` says which).
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        async with asyncio.timeout(timeout):
+            info = await self.app.wait(self.id)
+        if info.state is SagaState.COMPLETED:
+            return info.output
+        raise SagaFailed(self.id, info.state, info.error)
+
+
+class App:
+    """A sagakit application: where sagas are stored, which definitions exist, who runs them.
+
+    Args:
+        url: ``sqlite:///path.db`` (default ``sqlite:///sagakit.db``) or a file path.
+        durability: ``"full"`` fsyncs every commit (default); ``"normal"`` survives a crash of
+            the process but not of the machine.
+        worker: True to execute sagas in this process (the database's worker lock is taken;
+            :class:`DatabaseOwned` if another process holds it), False to only start and read
+            them, None (default) to execute them if no other process does.
+        max_concurrency: sagas executed at once by this process.
+        poll_interval: seconds between looks for sagas started by other processes.
+        thread_pool_size: threads for synchronous step functions.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        durability: str = "full",
+        worker: bool | None = None,
+        max_concurrency: int = 1000,
+        poll_interval: float = 1.0,
+        thread_pool_size: int = 32,
+    ) -> None:
+        self.store = open_store(url, durability=durability)
+        self._want_worker = worker
+        self._max_concurrency = max_concurrency
+        self._poll_interval = poll_interval
+        self._thread_pool_size = thread_pool_size
+        self._sagas: dict[str, dict[int, Saga]] = {}
+        self._runner: Runner | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+
+    # -- definitions -------------------------------------------------------------------------
+
+    def register(self, saga: Saga) -> Saga:
+        """Register a definition; new sagas of its type use the highest registered version."""
+        if not isinstance(saga, Saga):
+            raise ConfigurationError(f"register() takes a sagakit.Saga, got {saga!r}")
+        versions = self._sagas.setdefault(saga.name, {})
+        if saga.version in versions:
+            raise DuplicateSagaType(saga.name, saga.version)
+        versions[saga.version] = saga
+        return saga
+
+    def saga(
+        self, name: str, *, version: int = 1, deadline: float | None = None
+    ) -> Callable[[Workflow], Workflow]:
+        """Register a code-first workflow: ``@app.saga("Name") async def fn(ctx, data): ...``."""
+
+        def decorate(fn: Workflow) -> Workflow:
+            self.register(Saga(name, workflow=fn, version=version, deadline=deadline))
+            return fn
+
+        return decorate
+
+    def definition(self, saga_type: str, version: int | None = None) -> Saga | None:
+        versions = self._sagas.get(saga_type)
+        if not versions:
+            return None
+        return versions.get(version if version is not None else max(versions))
+
+    @property
+    def saga_types(self) -> list[str]:
+        return sorted(self._sagas)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def executing(self) -> bool:
+        """Whether this process executes the database's sagas."""
+        return self._runner is not None
+
+    async def open(self) -> None:
+        """Open the database (creating or migrating it) and, if this process executes sagas,
+        resume every unfinished one. Called by the first operation if you do not."""
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._opened:
+                return
+            await self.store.open()
+            if self._want_worker is not False:
+                try:
+                    self.store.acquire_ownership()
+                except DatabaseOwned:
+                    if self._want_worker:
+                        await self.store.close()
+                        raise
+                    log.info("another process executes %s; this App only starts and reads",
+                             self.store.location)  # fmt: skip
+                else:
+                    self._start_runner()
+            self._opened = True
+        if self._runner is not None:
+            await self._runner.recover()
+            self._runner.start_polling()
+
+    def _start_runner(self) -> None:
+        self._executor = ThreadPoolExecutor(
+            self._thread_pool_size, thread_name_prefix="sagakit-step"
+        )
+        self._runner = Runner(
+            self.store,
+            self.definition,
+            max_concurrency=self._max_concurrency,
+            poll_interval=self._poll_interval,
+            executor=self._executor,
+        )
+
+    async def close(self) -> None:
+        """Stop executing (running sagas resume from their journal next time) and close."""
+        if not self._opened:
+            return
+        if self._runner is not None:
+            await self._runner.stop()
+            self._runner = None
+        await self.store.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._opened = False
+
+    async def __aenter__(self) -> App:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _ready(self) -> None:
+        if not self._opened:
+            await self.open()
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def start(
+        self,
+        saga_type: str,
+        data: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+    ) -> SagaHandle:
+        """Start a saga and return its handle once the start is durable.
+
+        A second start with the same ``idempotency_key`` returns the first saga's handle
+        (``handle.created`` is False) and starts nothing. ``deadline`` (seconds from now)
+        overrides the definition's.
+
+        Raises:
+            UnknownSagaType: no definition of ``saga_type`` is registered.
+            NotSerializable: ``data`` cannot be stored as JSON. Nothing is written.
+        """
+        saga = self.definition(saga_type)
+        if saga is None:
+            raise UnknownSagaType(saga_type, self.saga_types)
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise ConfigurationError(
+                f"idempotency_key must be a str, got {type(idempotency_key).__name__}"
+            )
+        payload = encode(data, what=f"the input of saga {saga_type!r}")
+        await self._ready()
+        now = time.time()
+        limit = deadline if deadline is not None else saga.deadline
+        record = SagaRecord(
+            id=str(uuid.uuid4()),
+            saga_type=saga.name,
+            version=saga.version,
+            state=SagaState.STARTED,
+            idempotency_key=idempotency_key,
+            input=payload,
+            output=None,
+            error=None,
+            current_step=None,
+            deadline=None if limit is None else now + limit,
+            created_at=now,
+            updated_at=now,
+        )
+        first = Entry(saga_id=record.id, index=0, kind=Kind.SAGA_STARTED, at=now, payload=payload,
+                      data={"version": saga.version})  # fmt: skip
+        stored, created = await self.store.create(record, first)
+        if created and self._runner is not None:
+            self._runner.launch(stored, first)
+        return SagaHandle(self, stored.id, created=created)
+
+    def handle(self, saga_id: str) -> SagaHandle:
+        return SagaHandle(self, saga_id)
+
+    async def _record(self, saga_id: str) -> SagaRecord:
+        await self._ready()
+        record = await self.store.get(saga_id)
+        if record is None:
+            raise SagaNotFound(saga_id)
+        return record
+
+    async def get(self, saga_id: str) -> SagaInfo:
+        """The saga's current state. Raises :class:`SagaNotFound` for an unknown id."""
+        return SagaInfo.of(await self._record(saga_id))
+
+    async def list(
+        self,
+        *,
+        state: SagaState | str | None = None,
+        saga_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> builtins.list[SagaInfo]:
+        """Sagas, newest first, filtered by state and type."""
+        if state is not None:
+            try:
+                state = SagaState(state)
+            except ValueError:
+                known = ", ".join(s.value for s in SagaState)
+                raise ConfigurationError(f"unknown state {state!r}; use one of {known}") from None
+        await self._ready()
+        records = await self.store.list_sagas(state=state, saga_type=saga_type, limit=limit,
+                                        offset=offset)  # fmt: skip
+        return [SagaInfo.of(r) for r in records]
+
+    async def journal(self, saga_id: str) -> builtins.list[Entry]:
+        """The saga's journal entries, oldest first."""
+        await self._record(saga_id)
+        return await self.store.journal(saga_id)
+
+    async def wait(self, saga_id: str, poll: float = 0.05) -> SagaInfo:
+        """Wait until the saga is completed, failed, cancelled or needs attention."""
+        while True:
+            task = self._runner.tasks.get(saga_id) if self._runner else None
+            if task is not None:
+                await asyncio.shield(task)
+            info = await self.get(saga_id)
+            if info.state in TERMINAL or info.state is SagaState.NEEDS_ATTENTION:
+                return info
+            if task is None:
+                await asyncio.sleep(poll)
+
+    async def retry(self, saga_id: str) -> SagaHandle:
+        """Resume a saga in ``needs_attention``: its owed compensations, or its workflow if it
+        was parked before compensating (after a fix was deployed)."""
+        record = await self._record(saga_id)
+        if record.state is not SagaState.NEEDS_ATTENTION:
+            raise InvalidSagaState(saga_id, record.state, "retry", "needs_attention")
+        journal = await self.store.journal(saga_id)
+        compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
+        resume = SagaState.COMPENSATING if compensating else SagaState.RUNNING
+        entry = Entry(saga_id=saga_id, index=project(journal).next_index,
+                      kind=Kind.OPERATOR_RETRY, at=time.time(),
+                      data={"resume": resume.value})  # fmt: skip
+        await self.store.append(saga_id, (entry,))
+        if self._runner is not None:
+            self._runner.launch(await self._record(saga_id))
+        return SagaHandle(self, saga_id)
+
+    async def resolve(self, saga_id: str, note: str) -> SagaInfo:
+        """Record that an operator settled a ``needs_attention`` saga by hand; it ends failed
+        with the note in its journal."""
+        record = await self._record(saga_id)
+        if record.state is not SagaState.NEEDS_ATTENTION:
+            raise InvalidSagaState(saga_id, record.state, "resolve", "needs_attention")
+        journal = await self.store.journal(saga_id)
+        entry = Entry(saga_id=saga_id, index=project(journal).next_index,
+                      kind=Kind.OPERATOR_RESOLVED, at=time.time(),
+                      data={"note": note})  # fmt: skip
+        await self.store.append(saga_id, (entry,))
+        return await self.get(saga_id)
+
+    async def run_worker(self, stop: asyncio.Event) -> None:
+        """Execute and recover this database's sagas until ``stop`` is set, then shut down:
+        commits in flight finish, unfinished sagas resume from their journal next time."""
+        self._want_worker = True
+        await self.open()
+        await stop.wait()
+        await self.close()

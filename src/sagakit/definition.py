@@ -1,0 +1,223 @@
+"""Saga definitions: steps, retry policies, and their validation. Pure: no I/O.
+
+A :class:`Saga` is either a list of steps (declarative) or an async workflow function
+(code-first). Declarative sagas compile to a workflow, so both run on one engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sagakit.errors import DuplicateStepName, InvalidRetryPolicy, InvalidStep
+
+if TYPE_CHECKING:
+    from sagakit.workflow import WorkflowContext
+
+Action = Callable[..., Any]
+Compensation = Callable[..., Any]
+Workflow = Callable[["WorkflowContext", Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How often and how fast a step (or compensation) is retried.
+
+    Args:
+        max_attempts: total attempts, the first included (1 means no retry).
+        initial_interval: seconds before the second attempt.
+        backoff: multiplier of the interval after each attempt.
+        max_interval: cap on any one interval, in seconds.
+        jitter: fraction of each interval drawn at random (0.2 means ±20 %).
+        retry_on: exception types that are retried; others fail the step at once.
+        non_retryable: exception types never retried, even if they match ``retry_on``.
+    """
+
+    max_attempts: int = 3
+    initial_interval: float = 0.1
+    backoff: float = 2.0
+    max_interval: float = 30.0
+    jitter: float = 0.2
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidRetryPolicy(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        if self.initial_interval < 0 or self.max_interval < 0:
+            raise InvalidRetryPolicy("initial_interval and max_interval must be >= 0 seconds")
+        if self.backoff < 1:
+            raise InvalidRetryPolicy(f"backoff must be >= 1, got {self.backoff!r}")
+        if not 0 <= self.jitter <= 1:
+            raise InvalidRetryPolicy(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        for t in (*self.retry_on, *self.non_retryable):
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise InvalidRetryPolicy(
+                    f"{t!r} in retry_on/non_retryable is not an exception type"
+                )
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed ``attempt`` (1-based) before the next one."""
+        base = min(self.max_interval, self.initial_interval * self.backoff ** (attempt - 1))
+        if self.jitter:
+            base *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, min(base, self.max_interval))
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """Whether failed ``attempt`` with ``exc`` is followed by another attempt."""
+        if attempt >= self.max_attempts or isinstance(exc, self.non_retryable):
+            return False
+        return isinstance(exc, self.retry_on)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=0.1, max_interval=5.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One step of a declarative saga; build it with :func:`step`."""
+
+    name: str
+    action: Action
+    compensate: Compensation | None = None
+    retry: RetryPolicy = NO_RETRY
+    compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+    timeout: float | None = None
+
+
+def check_callable(saga_type: str, name: str, fn: Any, role: str, params: int) -> None:
+    """Raise :class:`InvalidStep` unless ``fn`` is callable with ``params`` positionals."""
+    if not callable(fn):
+        raise InvalidStep(saga_type, name, f"its {role} {fn!r} is not callable")
+    try:
+        inspect.signature(fn).bind(*range(params))
+    except TypeError:
+        raise InvalidStep(
+            saga_type, name, f"its {role} {_name(fn)} must accept {params} positional arguments"
+        ) from None
+    except ValueError:
+        pass  # builtins without a signature: trust them
+
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
+
+
+def step(
+    name: str,
+    action: Action,
+    *,
+    compensate: Compensation | None = None,
+    retry: RetryPolicy | None = None,
+    compensate_retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+) -> Step:
+    """Declare a step: ``action(ctx, data) -> result`` and ``compensate(ctx, data, result)``.
+
+    Either may be a plain function (run in a thread pool) or an ``async def``.
+    ``timeout`` is seconds per attempt; a timed-out attempt counts as failed.
+    """
+    return Step(
+        name=name,
+        action=action,
+        compensate=compensate,
+        retry=retry or NO_RETRY,
+        compensate_retry=compensate_retry or DEFAULT_COMPENSATION_RETRY,
+        timeout=timeout,
+    )
+
+
+def validate_step(saga_type: str, s: Step) -> None:
+    if not isinstance(s.name, str) or not s.name or "/" in s.name:
+        raise InvalidStep(saga_type, str(s.name), "its name must be a non-empty string without '/'")
+    check_callable(saga_type, s.name, s.action, "action", 2)
+    if s.compensate is not None:
+        check_callable(saga_type, s.name, s.compensate, "compensation", 3)
+    if s.timeout is not None and not s.timeout > 0:
+        raise InvalidStep(saga_type, s.name, f"timeout must be > 0 seconds, got {s.timeout!r}")
+    for policy in (s.retry, s.compensate_retry):
+        if not isinstance(policy, RetryPolicy):
+            raise InvalidStep(saga_type, s.name, f"{policy!r} is not a RetryPolicy")
+
+
+@dataclass(frozen=True, slots=True)
+class Saga:
+    """A saga definition.
+
+    Declarative: ``Saga("OrderFulfillment", steps=[step(...), ...])``; each step's action gets
+    the saga's input as ``data`` and the earlier results as ``ctx.results``; the saga's output is
+    a dict of step name to result. Code-first: ``Saga("Name", workflow=fn)`` or ``@app.saga``.
+
+    Args:
+        name: the saga type, as passed to ``app.start``.
+        steps: the steps, run in order.
+        workflow: ``async def fn(ctx, data)``, instead of ``steps``.
+        version: recorded with each saga started.
+        deadline: seconds after start past which no further step starts and the saga
+            compensates.
+    """
+
+    name: str
+    steps: Sequence[Step] = ()
+    workflow: Workflow | None = None
+    version: int = 1
+    deadline: float | None = None
+    input_type: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidStep(str(self.name), "-", "the saga name must be a non-empty string")
+        if (self.workflow is None) == (not self.steps):
+            raise InvalidStep(self.name, "-", "give either steps=[...] or workflow=fn, not both")
+        if self.deadline is not None and not self.deadline > 0:
+            raise InvalidStep(self.name, "-", f"deadline must be > 0 seconds, got {self.deadline}")
+        seen: set[str] = set()
+        for s in self.steps:
+            if not isinstance(s, Step):
+                raise InvalidStep(self.name, str(s), "steps must be built with sagakit.step(...)")
+            validate_step(self.name, s)
+            if s.name in seen:
+                raise DuplicateStepName(self.name, s.name)
+            seen.add(s.name)
+        if self.workflow is not None:
+            if not inspect.iscoroutinefunction(self.workflow):
+                raise InvalidStep(self.name, "-", "a workflow must be an `async def fn(ctx, data)`")
+            check_callable(self.name, "-", self.workflow, "workflow", 2)
+            if self.input_type is None:
+                object.__setattr__(self, "input_type", _input_hint(self.workflow))
+
+    def run(self) -> Workflow:
+        """The workflow function that executes this saga."""
+        return self.workflow or _compile(self.steps)
+
+
+def _input_hint(fn: Workflow) -> Any:
+    try:
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+    except (NameError, TypeError):
+        return None
+    if len(params) >= 2 and params[1].annotation is not inspect.Parameter.empty:
+        return params[1].annotation
+    return None
+
+
+def _compile(steps: Sequence[Step]) -> Workflow:
+    async def declarative(ctx: WorkflowContext, data: Any) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for s in steps:
+            results[s.name] = await ctx.step(
+                s.action,
+                data,
+                name=s.name,
+                compensate=s.compensate,
+                retry=s.retry,
+                compensate_retry=s.compensate_retry,
+                timeout=s.timeout,
+            )
+        return results
+
+    return declarative

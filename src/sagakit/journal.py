@@ -1,0 +1,202 @@
+"""Journal entries and the projection of a journal to a saga's state. Pure: no I/O.
+
+The journal is the truth: every entry a saga writes is appended here, and the saga row
+(state, current step, output, error) is :func:`project` of its entries.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SagaState(enum.StrEnum):
+    STARTED = "started"
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    NEEDS_ATTENTION = "needs_attention"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({SagaState.COMPLETED, SagaState.FAILED, SagaState.CANCELLED})
+ACTIVE = frozenset({SagaState.STARTED, SagaState.RUNNING, SagaState.COMPENSATING})
+
+
+class Kind(enum.StrEnum):
+    SAGA_STARTED = "saga_started"
+    STEP_STARTED = "step_started"
+    STEP_RETRYING = "step_retrying"
+    STEP_COMPLETED = "step_completed"
+    STEP_FAILED = "step_failed"
+    VALUE_RECORDED = "value_recorded"
+    SAGA_COMPLETED = "saga_completed"
+    SAGA_COMPENSATING = "saga_compensating"
+    COMPENSATION_STARTED = "compensation_started"
+    COMPENSATION_RETRYING = "compensation_retrying"
+    COMPENSATION_COMPLETED = "compensation_completed"
+    COMPENSATION_EXHAUSTED = "compensation_exhausted"
+    SAGA_FAILED = "saga_failed"
+    SAGA_PARKED = "saga_parked"
+    OPERATOR_RETRY = "operator_retry"
+    OPERATOR_RESOLVED = "operator_resolved"
+
+
+# The state each kind moves the saga to; None leaves it where it is.
+TRANSITIONS: dict[Kind, SagaState | None] = {
+    Kind.SAGA_STARTED: SagaState.STARTED,
+    Kind.STEP_STARTED: SagaState.RUNNING,
+    Kind.STEP_RETRYING: SagaState.RUNNING,
+    Kind.STEP_COMPLETED: SagaState.RUNNING,
+    Kind.STEP_FAILED: SagaState.RUNNING,
+    Kind.VALUE_RECORDED: None,
+    Kind.SAGA_COMPLETED: SagaState.COMPLETED,
+    Kind.SAGA_COMPENSATING: SagaState.COMPENSATING,
+    Kind.COMPENSATION_STARTED: SagaState.COMPENSATING,
+    Kind.COMPENSATION_RETRYING: SagaState.COMPENSATING,
+    Kind.COMPENSATION_COMPLETED: SagaState.COMPENSATING,
+    Kind.COMPENSATION_EXHAUSTED: SagaState.NEEDS_ATTENTION,
+    Kind.SAGA_FAILED: SagaState.FAILED,
+    Kind.SAGA_PARKED: SagaState.NEEDS_ATTENTION,
+    Kind.OPERATOR_RETRY: None,  # resolved by the entry's ``resume`` field, see project()
+    Kind.OPERATOR_RESOLVED: SagaState.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """One journal entry.
+
+    ``index`` is the entry's position in its saga's journal; ``seq`` the position of the
+    workflow command (step or recorded value) it belongs to. ``payload`` is codec-encoded JSON
+    text (a step's result, the saga's input or output); ``data`` holds small JSON metadata.
+    """
+
+    saga_id: str
+    index: int
+    kind: Kind
+    at: float
+    seq: int | None = None
+    step: str | None = None
+    attempt: int | None = None
+    payload: str | None = None
+    error: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompletedStep:
+    seq: int
+    step: str
+    payload: str | None
+
+
+@dataclass(slots=True, kw_only=True)
+class Projection:
+    """What a journal says about its saga. Built by :func:`project`."""
+
+    state: SagaState = SagaState.STARTED
+    current_step: str | None = None
+    output: str | None = None
+    error: dict[str, Any] | None = None
+    next_index: int = 0
+    # workflow seq -> outcome entry (completed / failed / recorded value)
+    outcomes: dict[int, Entry] = field(default_factory=dict)
+    # seq -> the last attempt started or retried, for steps without an outcome yet
+    attempts: dict[int, int] = field(default_factory=dict)
+    completed: list[CompletedStep] = field(default_factory=list)
+    compensated: set[int] = field(default_factory=set)
+    compensation_attempts: dict[int, int] = field(default_factory=dict)
+    step_starts: int = 0
+    reruns: int = 0
+
+    def owed(self) -> list[CompletedStep]:
+        """Completed steps not yet compensated, in the order they must be compensated."""
+        return [c for c in reversed(self.completed) if c.seq not in self.compensated]
+
+
+def _apply_step(p: Projection, e: Entry) -> None:
+    assert e.seq is not None
+    if e.kind is Kind.STEP_STARTED:
+        p.step_starts += 1
+        if p.attempts.get(e.seq) == e.attempt:
+            p.reruns += 1  # the same attempt started twice: a body re-run after recovery
+        p.attempts[e.seq] = e.attempt or 1
+    elif e.kind is Kind.STEP_RETRYING:
+        p.attempts[e.seq] = (e.attempt or 1) + 1
+    elif e.kind in (Kind.STEP_COMPLETED, Kind.STEP_FAILED, Kind.VALUE_RECORDED):
+        p.outcomes[e.seq] = e
+        p.attempts.pop(e.seq, None)
+        if e.kind is Kind.STEP_COMPLETED:
+            p.completed.append(CompletedStep(seq=e.seq, step=e.step or "", payload=e.payload))
+
+
+def _apply_compensation(p: Projection, e: Entry) -> None:
+    assert e.seq is not None
+    if e.kind is Kind.COMPENSATION_STARTED:
+        p.compensation_attempts[e.seq] = e.attempt or 1
+    elif e.kind is Kind.COMPENSATION_COMPLETED:
+        p.compensated.add(e.seq)
+
+
+_STEP_KINDS = frozenset(
+    {
+        Kind.STEP_STARTED,
+        Kind.STEP_RETRYING,
+        Kind.STEP_COMPLETED,
+        Kind.STEP_FAILED,
+        Kind.VALUE_RECORDED,
+    }
+)
+
+
+def apply(p: Projection, e: Entry) -> None:
+    """Fold one entry into the projection (in place, for speed on long journals)."""
+    p.next_index = e.index + 1
+    kind = e.kind
+    state = TRANSITIONS[kind]
+    if kind is Kind.OPERATOR_RETRY:
+        state = SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
+        p.compensation_attempts.clear()
+    if state is not None:
+        p.state = state
+    if e.step is not None:
+        p.current_step = e.step
+    if kind in _STEP_KINDS:
+        _apply_step(p, e)
+    elif kind in (Kind.COMPENSATION_STARTED, Kind.COMPENSATION_COMPLETED):
+        _apply_compensation(p, e)
+    elif kind is Kind.SAGA_COMPLETED:
+        p.output = e.payload
+    if e.error is not None:
+        p.error = e.error
+
+
+def project(entries: Iterable[Entry]) -> Projection:
+    """The saga state a journal describes."""
+    p = Projection()
+    for e in entries:
+        apply(p, e)
+    return p
+
+
+def row_changes(entries: Iterable[Entry]) -> dict[str, Any]:
+    """The saga-row columns that appending ``entries`` changes: the projection at write time."""
+    changes: dict[str, Any] = {}
+    for e in entries:
+        state = TRANSITIONS[e.kind]
+        if e.kind is Kind.OPERATOR_RETRY:
+            state = SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
+        if state is not None:
+            changes["state"] = state
+        if e.step is not None:
+            changes["current_step"] = e.step
+        if e.kind is Kind.SAGA_COMPLETED:
+            changes["output"] = e.payload
+        if e.error is not None:
+            changes["error"] = e.error
+        changes["updated_at"] = e.at
+    return changes
