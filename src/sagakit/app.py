@@ -28,7 +28,9 @@ from sagakit.errors import (
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState, project
 from sagakit.store import open_store
 from sagakit.store.base import SagaRecord
-from sagakit.worker import Runner
+from sagakit.worker import Outcome, Runner
+
+RESTING = TERMINAL | {SagaState.NEEDS_ATTENTION}
 
 log = logging.getLogger("sagakit")
 
@@ -93,10 +95,10 @@ class SagaHandle:
             TimeoutError: ``timeout`` seconds passed first.
         """
         async with asyncio.timeout(timeout):
-            info = await self.app.wait(self.id)
-        if info.state is SagaState.COMPLETED:
-            return info.output
-        raise SagaFailed(self.id, info.state, info.error)
+            outcome = await self.app.outcome(self.id)
+        if outcome.state is SagaState.COMPLETED:
+            return decode(outcome.output)
+        raise SagaFailed(self.id, outcome.state, outcome.error)
 
 
 class App:
@@ -329,17 +331,24 @@ class App:
         await self._record(saga_id)
         return await self.store.journal(saga_id)
 
-    async def wait(self, saga_id: str, poll: float = 0.05) -> SagaInfo:
+    async def outcome(self, saga_id: str, poll: float = 0.05) -> Outcome:
         """Wait until the saga is completed, failed, cancelled or needs attention."""
         while True:
             task = self._runner.tasks.get(saga_id) if self._runner else None
             if task is not None:
-                await asyncio.shield(task)
-            info = await self.get(saga_id)
-            if info.state in TERMINAL or info.state is SagaState.NEEDS_ATTENTION:
-                return info
+                local = await asyncio.shield(task)
+                if local is not None and local.state in RESTING:
+                    return local
+            record = await self._record(saga_id)
+            if record.state in RESTING:
+                return Outcome(state=record.state, output=record.output, error=record.error)
             if task is None:
                 await asyncio.sleep(poll)
+
+    async def wait(self, saga_id: str) -> SagaInfo:
+        """Wait until the saga is completed, failed, cancelled or needs attention."""
+        await self.outcome(saga_id)
+        return await self.get(saga_id)
 
     async def retry(self, saga_id: str) -> SagaHandle:
         """Resume a saga in ``needs_attention``: its owed compensations, or its workflow if it

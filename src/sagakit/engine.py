@@ -98,6 +98,8 @@ class SagaRun:
         self.executor = executor
         proj = project(journal)
         self.state = proj.state
+        self.output: str | None = None
+        self.error = proj.error
         self._next_index = proj.next_index
         self._recorded = proj.outcomes
         self._resume_attempts = proj.attempts
@@ -119,7 +121,10 @@ class SagaRun:
         return Entry(saga_id=self.saga_id, index=index, kind=kind, at=time.time(), **fields)
 
     async def _write(self, kind: Kind, **fields: Any) -> None:
-        await self.store.append(self.saga_id, (self._entry(kind, **fields),))
+        entry = self._entry(kind, **fields)
+        await self.store.append(self.saga_id, (entry,))
+        if entry.error is not None:
+            self.error = entry.error
 
     def _write_soon(self, kind: Kind, **fields: Any) -> None:
         self.store.append_soon(self.saga_id, (self._entry(kind, **fields),))
@@ -145,6 +150,7 @@ class SagaRun:
         except NotSerializable as exc:
             return await self._compensate(exc)
         await self._write(Kind.SAGA_COMPLETED, payload=payload)
+        self.output = payload
         return SagaState.COMPLETED
 
     async def _park(self, exc: Exception) -> SagaState:

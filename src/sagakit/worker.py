@@ -13,16 +13,27 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 from sagakit.codec import decode, error_info
 from sagakit.definition import Saga
 from sagakit.engine import SagaRun
 from sagakit.errors import ConfigurationError
-from sagakit.journal import Entry, Kind
+from sagakit.journal import Entry, Kind, SagaState
 from sagakit.store.base import SagaRecord, Store
 
 log = logging.getLogger("sagakit.worker")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """Where a saga run in this process came to rest."""
+
+    state: SagaState
+    output: str | None
+    error: dict[str, Any] | None
+
 
 Resolve = Callable[[str, int], Saga | None]
 
@@ -45,12 +56,14 @@ class Runner:
         self.resolve = resolve
         self.poll_interval = poll_interval
         self.executor = executor
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.tasks: dict[str, asyncio.Task[Outcome | None]] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._poller: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def launch(self, record: SagaRecord, first: Entry | None = None) -> asyncio.Task[None]:
+    def launch(
+        self, record: SagaRecord, first: Entry | None = None
+    ) -> asyncio.Task[Outcome | None]:
         """Run ``record``'s saga unless it already runs here. ``first`` is its only journal
         entry when the saga was just created, which saves reading the journal back."""
         task = self.tasks.get(record.id)
@@ -59,25 +72,26 @@ class Runner:
             self.tasks[record.id] = task
         return task
 
-    async def _run(self, record: SagaRecord, first: Entry | None) -> None:
+    async def _run(self, record: SagaRecord, first: Entry | None) -> Outcome | None:
         try:
             async with self._slots:
-                await self._execute(record, first)
+                return await self._execute(record, first)
         except asyncio.CancelledError:
             raise
         except Exception:
             # A store failure: the saga stays where its journal left it and is retried by the
             # next recovery pass.
             log.exception("saga %s stopped on an internal error; it will be recovered", record.id)
+            return None
         finally:
             self.tasks.pop(record.id, None)
 
-    async def _execute(self, record: SagaRecord, first: Entry | None) -> None:
+    async def _execute(self, record: SagaRecord, first: Entry | None) -> Outcome | None:
         journal = [first] if first is not None else await self.store.journal(record.id)
         saga = self.resolve(record.saga_type, record.version)
         if saga is None:
             await self._park_unknown(record, len(journal))
-            return
+            return None
         run = SagaRun(
             store=self.store,
             saga=saga,
@@ -87,7 +101,8 @@ class Runner:
             journal=journal,
             executor=self.executor,
         )
-        await run.execute()
+        state = await run.execute()
+        return Outcome(state=state, output=run.output, error=run.error)
 
     async def _park_unknown(self, record: SagaRecord, index: int) -> None:
         reason = ConfigurationError(

@@ -10,7 +10,6 @@ fsync of their own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import logging
@@ -145,7 +144,11 @@ class _Op:
 _STOP: Final = object()
 
 
-def _settle(ops: list[_Op]) -> None:
+def _settle(ops: list[_Op], drained: threading.Event) -> None:
+    loop = asyncio.get_running_loop()
+    # Set once the sagas woken here have run up to their next write, so that the writer's
+    # next transaction carries all of those writes instead of the first one alone.
+    loop.call_soon(drained.set)
     for op in ops:
         fut = op.future
         if fut is None or fut.done():
@@ -171,6 +174,7 @@ class SqliteStore:
         self.location = f"sqlite:///{path}"
         self._sync = _SYNC_MODES[durability]
         self._lazy_delay = lazy_delay
+        self._drain_wait = 0.002
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sagakit-sqlite-reader")
@@ -273,6 +277,7 @@ class SqliteStore:
         conn = self._connect()
         q = self._queue
         stopping = False
+        drained = threading.Event()
         try:
             while not stopping:
                 first = q.get()
@@ -282,8 +287,12 @@ class SqliteStore:
                 stopping = self._gather(q, batch)
                 self._commit(conn, batch)
                 assert self._loop is not None
-                with contextlib.suppress(RuntimeError):  # the loop closed under us
-                    self._loop.call_soon_threadsafe(_settle, batch)
+                drained.clear()
+                try:
+                    self._loop.call_soon_threadsafe(_settle, batch, drained)
+                except RuntimeError:  # the loop closed under us
+                    continue
+                drained.wait(self._drain_wait)
         finally:
             conn.close()
 
