@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import enum
 import json
+import types
 import typing
 import uuid
 from datetime import date, datetime
@@ -53,9 +54,29 @@ _ENCODER = json.JSONEncoder(
 def encode(value: Any, *, what: str = "payload") -> str:
     """Encode ``value`` as JSON text, or raise :class:`NotSerializable` naming ``what``."""
     try:
-        return _ENCODER.encode(value)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotSerializable(what, str(exc)) from exc
+    if TAG in text:  # rare: only then look for user dicts that would read back as a tag
+        _refuse_reserved_key(value, what)
+    return text
+
+
+def _refuse_reserved_key(value: Any, what: str) -> None:
+    if isinstance(value, dict):
+        if TAG in value:
+            raise NotSerializable(what, f"the dict key {TAG!r} is reserved by sagakit")
+        children: Any = value.values()
+    elif isinstance(value, list | tuple):
+        children = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif callable(getattr(value, "model_dump", None)):
+        children = [value.model_dump(mode="python")]
+    else:
+        return
+    for child in children:
+        _refuse_reserved_key(child, what)
 
 
 _DECODERS: dict[str, Any] = {
@@ -74,7 +95,10 @@ def _object_hook(obj: dict[str, Any]) -> Any:
     decoder = _DECODERS.get(tag)
     if decoder is None:
         raise CorruptPayload(f"unknown tag {tag!r}")
-    return decoder(obj["v"])
+    try:
+        return decoder(obj["v"])
+    except Exception as exc:
+        raise CorruptPayload(f"bad {tag} value {obj['v']!r}: {exc}") from exc
 
 
 def decode(text: str | None, hint: Any = None) -> Any:
@@ -87,7 +111,10 @@ def decode(text: str | None, hint: Any = None) -> Any:
         raise CorruptPayload(str(exc)) from exc
     if hint is None or hint is Any:
         return value
-    return convert(value, hint)
+    try:
+        return convert(value, hint)
+    except Exception as exc:  # pydantic's ValidationError, a dataclass's TypeError, ...
+        raise CorruptPayload(f"stored value does not fit {hint!r}: {exc}") from exc
 
 
 def convert(value: Any, hint: Any) -> Any:
@@ -97,6 +124,9 @@ def convert(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is not None:
         args = typing.get_args(hint)
+        if origin is typing.Union or origin is types.UnionType:
+            options = [a for a in args if a is not type(None)]
+            return convert(value, options[0]) if len(options) == 1 else value
         if origin is list and args and isinstance(value, list):
             return [convert(v, args[0]) for v in value]
         if origin is dict and len(args) == 2 and isinstance(value, dict):

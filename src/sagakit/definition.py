@@ -7,6 +7,7 @@ A :class:`Saga` is either a list of steps (declarative) or an async workflow fun
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,23 +46,36 @@ class RetryPolicy:
     non_retryable: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise InvalidRetryPolicy(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise InvalidRetryPolicy(f"max_attempts must be an int >= 1, got {attempts!r}")
+        for name in ("initial_interval", "max_interval", "backoff", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise InvalidRetryPolicy(f"{name} must be a number, got {value!r}")
         if self.initial_interval < 0 or self.max_interval < 0:
             raise InvalidRetryPolicy("initial_interval and max_interval must be >= 0 seconds")
         if self.backoff < 1:
             raise InvalidRetryPolicy(f"backoff must be >= 1, got {self.backoff!r}")
         if not 0 <= self.jitter <= 1:
             raise InvalidRetryPolicy(f"jitter must be between 0 and 1, got {self.jitter!r}")
-        for t in (*self.retry_on, *self.non_retryable):
-            if not (isinstance(t, type) and issubclass(t, BaseException)):
+        for name in ("retry_on", "non_retryable"):
+            types = getattr(self, name)
+            if not isinstance(types, tuple):
                 raise InvalidRetryPolicy(
-                    f"{t!r} in retry_on/non_retryable is not an exception type"
+                    f"{name} must be a tuple of exception types, e.g. (ValueError,); got {types!r}"
                 )
+            for t in types:
+                if not (isinstance(t, type) and issubclass(t, BaseException)):
+                    raise InvalidRetryPolicy(f"{t!r} in {name} is not an exception type")
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed ``attempt`` (1-based) before the next one."""
-        base = min(self.max_interval, self.initial_interval * self.backoff ** (attempt - 1))
+        try:
+            grown = self.initial_interval * self.backoff ** (attempt - 1)
+        except OverflowError:
+            grown = self.max_interval
+        base = min(self.max_interval, grown)
         if self.jitter:
             base *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, min(base, self.max_interval))
@@ -137,7 +151,9 @@ def validate_step(saga_type: str, s: Step) -> None:
     check_callable(saga_type, s.name, s.action, "action", 2)
     if s.compensate is not None:
         check_callable(saga_type, s.name, s.compensate, "compensation", 3)
-    if s.timeout is not None and not s.timeout > 0:
+    if s.timeout is not None and (
+        isinstance(s.timeout, bool) or not isinstance(s.timeout, int | float) or not s.timeout > 0
+    ):
         raise InvalidStep(saga_type, s.name, f"timeout must be > 0 seconds, got {s.timeout!r}")
     for policy in (s.retry, s.compensate_retry):
         if not isinstance(policy, RetryPolicy):

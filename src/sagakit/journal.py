@@ -110,6 +110,7 @@ class Projection:
     completed: list[CompletedStep] = field(default_factory=list)
     compensated: set[int] = field(default_factory=set)
     compensation_attempts: dict[int, int] = field(default_factory=dict)
+    started: set[tuple[int, int]] = field(default_factory=set)
     step_starts: int = 0
     reruns: int = 0
 
@@ -121,10 +122,12 @@ class Projection:
 def _apply_step(p: Projection, e: Entry) -> None:
     assert e.seq is not None
     if e.kind is Kind.STEP_STARTED:
+        attempt = e.attempt or 1
         p.step_starts += 1
-        if p.attempts.get(e.seq) == e.attempt:
+        if (e.seq, attempt) in p.started:
             p.reruns += 1  # the same attempt started twice: a body re-run after recovery
-        p.attempts[e.seq] = e.attempt or 1
+        p.started.add((e.seq, attempt))
+        p.attempts[e.seq] = attempt
     elif e.kind is Kind.STEP_RETRYING:
         p.attempts[e.seq] = (e.attempt or 1) + 1
     elif e.kind in (Kind.STEP_COMPLETED, Kind.STEP_FAILED, Kind.VALUE_RECORDED):
