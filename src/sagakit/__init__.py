@@ -13,12 +13,14 @@ Quick start::
 from sagakit.app import App, SagaHandle, SagaInfo
 from sagakit.definition import RetryPolicy, Saga, Step, step
 from sagakit.errors import (
+    AppClosed,
     ConfigurationError,
     CorruptPayload,
     DatabaseOwned,
     DefinitionError,
     DuplicateSagaType,
     DuplicateStepName,
+    InvalidInput,
     InvalidRetryPolicy,
     InvalidSagaState,
     InvalidStep,
@@ -42,6 +44,7 @@ from sagakit.workflow import StepContext, WorkflowContext
 
 __all__ = [
     "App",
+    "AppClosed",
     "ConfigurationError",
     "CorruptPayload",
     "DatabaseOwned",
@@ -49,6 +52,7 @@ __all__ = [
     "DuplicateSagaType",
     "DuplicateStepName",
     "Entry",
+    "InvalidInput",
     "InvalidRetryPolicy",
     "InvalidSagaState",
     "InvalidStep",

@@ -17,15 +17,18 @@ from typing import Any
 from sagakit.codec import decode, encode
 from sagakit.definition import Saga, Workflow
 from sagakit.errors import (
+    AppClosed,
     ConfigurationError,
     DatabaseOwned,
     DuplicateSagaType,
+    InvalidInput,
     InvalidSagaState,
+    PayloadError,
     SagaFailed,
     SagaNotFound,
     UnknownSagaType,
 )
-from sagakit.journal import TERMINAL, Entry, Kind, SagaState, project
+from sagakit.journal import TERMINAL, Entry, Kind, SagaState
 from sagakit.store import open_store
 from sagakit.store.base import SagaRecord
 from sagakit.worker import Outcome, Runner
@@ -37,20 +40,33 @@ log = logging.getLogger("sagakit")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SagaInfo:
-    """A saga as ``app.get`` and ``app.list`` report it."""
+    """A saga as ``app.get`` and ``app.list`` report it.
+
+    ``input`` and ``output`` are decoded when read, so a saga whose stored payload is corrupt
+    can still be listed and shown; reading the payload then raises
+    :class:`~sagakit.errors.CorruptPayload`. ``raw_input`` and ``raw_output`` are the JSON text.
+    """
 
     id: str
     saga_type: str
     version: int
     state: SagaState
     idempotency_key: str | None
-    input: Any
-    output: Any
+    raw_input: str | None
+    raw_output: str | None
     error: dict[str, Any] | None
     current_step: str | None
     created_at: datetime
     updated_at: datetime
     deadline: datetime | None
+
+    @property
+    def input(self) -> Any:
+        return decode(self.raw_input)
+
+    @property
+    def output(self) -> Any:
+        return decode(self.raw_output)
 
     @classmethod
     def of(cls, r: SagaRecord) -> SagaInfo:
@@ -60,16 +76,18 @@ class SagaInfo:
             version=r.version,
             state=r.state,
             idempotency_key=r.idempotency_key,
-            input=decode(r.input),
-            output=decode(r.output),
+            raw_input=r.input,
+            raw_output=r.output,
             error=r.error,
             current_step=r.current_step,
-            created_at=datetime.fromtimestamp(r.created_at).astimezone(),
-            updated_at=datetime.fromtimestamp(r.updated_at).astimezone(),
-            deadline=None
-            if r.deadline is None
-            else datetime.fromtimestamp(r.deadline).astimezone(),
+            created_at=_local(r.created_at),
+            updated_at=_local(r.updated_at),
+            deadline=None if r.deadline is None else _local(r.deadline),
         )
+
+
+def _local(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp).astimezone()
 
 
 class SagaHandle:
@@ -268,6 +286,11 @@ class App:
                 f"idempotency_key must be a str, got {type(idempotency_key).__name__}"
             )
         payload = encode(data, what=f"the input of saga {saga_type!r}")
+        if saga.input_type is not None:
+            try:
+                decode(payload, saga.input_type)
+            except PayloadError as exc:
+                raise InvalidInput(saga_type, saga.input_type, str(exc.__cause__ or exc)) from exc
         await self._ready()
         now = time.time()
         limit = deadline if deadline is not None else saga.deadline
@@ -336,7 +359,13 @@ class App:
         while True:
             task = self._runner.tasks.get(saga_id) if self._runner else None
             if task is not None:
-                local = await asyncio.shield(task)
+                try:
+                    local = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the waiter itself was cancelled
+                    raise AppClosed(saga_id) from None
                 if local is not None and local.state in RESTING:
                     return local
             record = await self._record(saga_id)
@@ -353,32 +382,36 @@ class App:
     async def retry(self, saga_id: str) -> SagaHandle:
         """Resume a saga in ``needs_attention``: its owed compensations, or its workflow if it
         was parked before compensating (after a fix was deployed)."""
-        record = await self._record(saga_id)
-        if record.state is not SagaState.NEEDS_ATTENTION:
-            raise InvalidSagaState(saga_id, record.state, "retry", "needs_attention")
-        journal = await self.store.journal(saga_id)
-        compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
-        resume = SagaState.COMPENSATING if compensating else SagaState.RUNNING
-        entry = Entry(saga_id=saga_id, index=project(journal).next_index,
-                      kind=Kind.OPERATOR_RETRY, at=time.time(),
-                      data={"resume": resume.value})  # fmt: skip
-        await self.store.append(saga_id, (entry,))
+
+        def decide(record: SagaRecord, journal: builtins.list[Entry]) -> builtins.list[Entry]:
+            _require_attention(record, "retry")
+            compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
+            resume = SagaState.COMPENSATING if compensating else SagaState.RUNNING
+            return [_operator_entry(journal, Kind.OPERATOR_RETRY, {"resume": resume.value})]
+
+        await self._ready()
+        record = await self.store.append_checked(saga_id, decide)
         if self._runner is not None:
-            self._runner.launch(await self._record(saga_id))
+            self._runner.launch(record)
+        else:
+            log.info("saga %s queued for retry; the process executing %s resumes it",
+                     saga_id, self.store.location)  # fmt: skip
         return SagaHandle(self, saga_id)
 
     async def resolve(self, saga_id: str, note: str) -> SagaInfo:
         """Record that an operator settled a ``needs_attention`` saga by hand; it ends failed
         with the note in its journal."""
-        record = await self._record(saga_id)
-        if record.state is not SagaState.NEEDS_ATTENTION:
-            raise InvalidSagaState(saga_id, record.state, "resolve", "needs_attention")
-        journal = await self.store.journal(saga_id)
-        entry = Entry(saga_id=saga_id, index=project(journal).next_index,
-                      kind=Kind.OPERATOR_RESOLVED, at=time.time(),
-                      data={"note": note})  # fmt: skip
-        await self.store.append(saga_id, (entry,))
-        return await self.get(saga_id)
+        if not isinstance(note, str) or not note.strip():
+            raise ConfigurationError(
+                "resolve() needs a note (a non-empty str) saying what was done"
+            )
+
+        def decide(record: SagaRecord, journal: builtins.list[Entry]) -> builtins.list[Entry]:
+            _require_attention(record, "resolve")
+            return [_operator_entry(journal, Kind.OPERATOR_RESOLVED, {"note": note})]
+
+        await self._ready()
+        return SagaInfo.of(await self.store.append_checked(saga_id, decide))
 
     async def run_worker(self, stop: asyncio.Event) -> None:
         """Execute and recover this database's sagas until ``stop`` is set, then shut down:
@@ -387,3 +420,14 @@ class App:
         await self.open()
         await stop.wait()
         await self.close()
+
+
+def _require_attention(record: SagaRecord, action: str) -> None:
+    if record.state is not SagaState.NEEDS_ATTENTION:
+        raise InvalidSagaState(record.id, record.state, action, "needs_attention")
+
+
+def _operator_entry(journal: list[Entry], kind: Kind, data: dict[str, Any]) -> Entry:
+    saga_id = journal[0].saga_id
+    index = journal[-1].index + 1
+    return Entry(saga_id=saga_id, index=index, kind=kind, at=time.time(), data=data)

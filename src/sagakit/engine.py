@@ -35,7 +35,7 @@ from sagakit.errors import (
     StepFailed,
     StepTimedOut,
 )
-from sagakit.journal import TERMINAL, Entry, Kind, SagaState, project
+from sagakit.journal import Entry, Kind, SagaState, project
 from sagakit.store.base import Store
 from sagakit.workflow import StepContext, WorkflowContext
 
@@ -133,8 +133,6 @@ class SagaRun:
 
     async def execute(self) -> SagaState:
         """Run (or resume) the saga to its next resting state and return that state."""
-        if self.state in TERMINAL or self.state is SagaState.NEEDS_ATTENTION:
-            return self.state  # a stale launch: nothing is owed
         ctx = WorkflowContext(self)
         self._replay_only = self._compensating
         try:

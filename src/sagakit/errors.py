@@ -13,8 +13,10 @@
     ├── UnknownSagaType               start() of a type that was never registered
     ├── SagaNotFound                  get/retry/resolve of an id the store does not have
     ├── InvalidSagaState              retry/resolve of a saga that is not in the right state
+    ├── AppClosed                     the App closed while a caller waited for a saga
     ├── PayloadError
     │   ├── NotSerializable           a value that cannot be stored as JSON
+    │   ├── InvalidInput              an input that does not fit the workflow's declared type
     │   └── CorruptPayload            stored text that is not valid sagakit JSON
     ├── StoreError                    the database failed; the driver's error is the cause
     │   └── SchemaTooNew              the file was written by a newer sagakit
@@ -108,6 +110,15 @@ class InvalidSagaState(SagakitError):
         )
 
 
+class AppClosed(SagakitError):
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(
+            f"the App was closed while waiting for saga {saga_id}; the saga resumes from its "
+            "journal when an App executes this database again"
+        )
+
+
 class PayloadError(SagakitError):
     """A payload could not be encoded to or decoded from JSON."""
 
@@ -118,6 +129,15 @@ class NotSerializable(PayloadError):
         super().__init__(
             f"{what} cannot be stored as JSON: {reason}. Use dict/list/str/int/float/bool/None, "
             "dataclasses, pydantic models, datetime, date, UUID, Decimal or Enum"
+        )
+
+
+class InvalidInput(PayloadError):
+    def __init__(self, saga_type: str, expected: object, reason: str) -> None:
+        self.saga_type, self.expected, self.reason = saga_type, expected, reason
+        super().__init__(
+            f"the input of saga {saga_type!r} does not fit its workflow's type {expected!r}: "
+            f"{reason}. Nothing was written"
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from sagakit.codec import decode, error_info
 from sagakit.definition import Saga
 from sagakit.engine import SagaRun
-from sagakit.errors import ConfigurationError
+from sagakit.errors import ConfigurationError, PayloadError
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.store.base import SagaRecord, Store
 
@@ -34,6 +34,17 @@ class Outcome:
     output: str | None
     error: dict[str, Any] | None
 
+
+# Entries after which a saga does not move until an operator acts (or ever).
+_AT_REST = frozenset(
+    {
+        Kind.SAGA_COMPLETED,
+        Kind.SAGA_FAILED,
+        Kind.SAGA_PARKED,
+        Kind.COMPENSATION_EXHAUSTED,
+        Kind.OPERATOR_RESOLVED,
+    }
+)
 
 Resolve = Callable[[str, int], Saga | None]
 
@@ -88,15 +99,26 @@ class Runner:
 
     async def _execute(self, record: SagaRecord, first: Entry | None) -> Outcome | None:
         journal = [first] if first is not None else await self.store.journal(record.id)
+        if journal and journal[-1].kind in _AT_REST:
+            return None  # a stale launch: it finished, or waits for an operator
         saga = self.resolve(record.saga_type, record.version)
         if saga is None:
-            await self._park_unknown(record, len(journal))
+            reason = (
+                f"saga type {record.saga_type!r} version {record.version} is not registered in "
+                "this process; deploy code that registers it, then `sagakit retry` the saga"
+            )
+            await self._park(record, len(journal), ConfigurationError(reason))
+            return None
+        try:
+            data = decode(record.input, saga.input_type)
+        except PayloadError as exc:
+            await self._park(record, len(journal), exc)
             return None
         run = SagaRun(
             store=self.store,
             saga=saga,
             saga_id=record.id,
-            data=decode(record.input, saga.input_type),
+            data=data,
             deadline=record.deadline,
             journal=journal,
             executor=self.executor,
@@ -104,11 +126,7 @@ class Runner:
         state = await run.execute()
         return Outcome(state=state, output=run.output, error=run.error)
 
-    async def _park_unknown(self, record: SagaRecord, index: int) -> None:
-        reason = ConfigurationError(
-            f"saga type {record.saga_type!r} version {record.version} is not registered in this "
-            "process; deploy code that registers it, then `sagakit retry` the saga"
-        )
+    async def _park(self, record: SagaRecord, index: int, reason: Exception) -> None:
         log.error("saga %s needs attention: %s", record.id, reason)
         entry = Entry(
             saga_id=record.id,

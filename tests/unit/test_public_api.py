@@ -8,6 +8,7 @@ import sagakit
 
 PUBLIC_API = [
     "App",
+    "AppClosed",
     "ConfigurationError",
     "CorruptPayload",
     "DatabaseOwned",
@@ -15,6 +16,7 @@ PUBLIC_API = [
     "DuplicateSagaType",
     "DuplicateStepName",
     "Entry",
+    "InvalidInput",
     "InvalidRetryPolicy",
     "InvalidSagaState",
     "InvalidStep",

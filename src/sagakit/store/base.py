@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,10 @@ class SagaRecord:
     updated_at: float
 
 
+# Given a saga's row and journal, the entries to append (or raise to append nothing).
+Decide = Callable[[SagaRecord, list[Entry]], Sequence[Entry]]
+
+
 class Store(Protocol):
     """Durable storage of saga rows and journals.
 
@@ -48,6 +52,15 @@ class Store(Protocol):
     async def append(self, saga_id: str, entries: Sequence[Entry]) -> None: ...
 
     def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None: ...
+
+    async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:
+        """Read the saga and its journal, append what ``decide`` returns, in one transaction
+        (for operator actions, which race with each other); return the updated row.
+
+        Raises:
+            SagaNotFound: no such saga.
+        """
+        ...
 
     async def get(self, saga_id: str) -> SagaRecord | None: ...
 

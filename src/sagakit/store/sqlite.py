@@ -22,9 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, Final, TypeVar
 
-from sagakit.errors import ConfigurationError, DatabaseOwned, SchemaTooNew, StoreError
+from sagakit.errors import (
+    ConfigurationError,
+    DatabaseOwned,
+    SagaNotFound,
+    SchemaTooNew,
+    StoreError,
+)
 from sagakit.journal import Entry, Kind, SagaState, row_changes
-from sagakit.store.base import SagaRecord
+from sagakit.store.base import Decide, SagaRecord
 
 log = logging.getLogger("sagakit.store")
 T = TypeVar("T")
@@ -186,9 +192,12 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._configure(conn)
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute(f"PRAGMA synchronous = {self._sync}")
-        return conn
 
     async def open(self) -> None:
         """Create or migrate the database and start the writer thread."""
@@ -200,15 +209,26 @@ class SqliteStore:
         self._writer.daemon = True
         self._writer.start()
 
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sagakit_schema'"
+        ).fetchone()
+        if exists is None:
+            return 0
+        row = conn.execute("SELECT max(version) FROM sagakit_schema").fetchone()
+        return int(row[0] or 0)
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
+        available = migrations()
+        latest = available[-1][0]
+        # Refuse a newer schema before anything (even the journal mode) touches the file.
+        if self._schema_version(conn) > latest:
+            raise SchemaTooNew(self.location, self._schema_version(conn), latest)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS sagakit_schema (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM sagakit_schema").fetchone()
-            current = row[0] or 0
-            available = migrations()
-            latest = available[-1][0]
+            current = self._schema_version(conn)
             if current > latest:
                 raise SchemaTooNew(self.location, current, latest)
             for number, sql in available:
@@ -221,6 +241,10 @@ class SqliteStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    async def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return await self._read(self._schema_version)
 
     async def close(self) -> None:
         """Commit everything queued, then stop the threads."""
@@ -269,8 +293,28 @@ class SqliteStore:
     def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None:
         self._queue.put(_Op(lambda conn: _append(conn, saga_id, entries), None))
 
-    async def write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``apply`` in the writer's transaction (for operator actions and tests)."""
+    async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:
+        def apply(conn: sqlite3.Connection) -> SagaRecord:
+            row = conn.execute(
+                f"SELECT {_SAGA_COLUMNS} FROM sagakit_sagas WHERE id = ?", (saga_id,)
+            ).fetchone()
+            if row is None:
+                raise SagaNotFound(saga_id)
+            journal = [
+                _entry(r)
+                for r in conn.execute(
+                    f"SELECT {_JOURNAL_COLUMNS} FROM sagakit_journal WHERE saga_id = ? "
+                    "ORDER BY idx",
+                    (saga_id,),
+                )
+            ]
+            entries = decide(_record(row), journal)
+            _append(conn, saga_id, entries)
+            updated = conn.execute(
+                f"SELECT {_SAGA_COLUMNS} FROM sagakit_sagas WHERE id = ?", (saga_id,)
+            ).fetchone()
+            return _record(updated)
+
         return await self._submit(apply)
 
     def _write_loop(self) -> None:
@@ -352,9 +396,15 @@ class SqliteStore:
         return await loop.run_in_executor(self._reader, self._in_reader, fn)
 
     def _in_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._reader_conn is None:
-            self._reader_conn = self._connect()
         try:
+            if self._reader_conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                try:
+                    self._configure(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                self._reader_conn = conn
             return fn(self._reader_conn)
         except sqlite3.DatabaseError as exc:
             if "not a database" in str(exc) or "malformed" in str(exc):
