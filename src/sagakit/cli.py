@@ -1,0 +1,467 @@
+"""The ``sagakit`` command: ``demo``, ``worker``, ``list``, ``show`` and ``migrate``.
+
+Every command takes ``--db URL`` (default: ``$SAGAKIT_DATABASE_URL``, else
+``sqlite:///sagakit.db``), except ``worker``, whose App names its own database. Commands that
+only read open the database with ``App(url, worker=False)``, so they never execute sagas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sagakit.app import App, SagaInfo
+from sagakit.errors import PayloadError, SagakitError
+from sagakit.journal import ACTIVE, Entry, Kind, SagaState
+from sagakit.store import DEFAULT_URL
+
+T = TypeVar("T")
+
+db_option = click.option(
+    "--db",
+    "url",
+    envvar="SAGAKIT_DATABASE_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    metavar="URL",
+    help="Database URL; the environment variable SAGAKIT_DATABASE_URL sets the default.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` on stderr and exit with code 1."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    sys.exit(1)
+
+
+def run(coro: Coroutine[Any, Any, T], *, cleanup: Callable[[], None] | None = None) -> T:
+    """Run ``coro``; a sagakit error ends the command with its message and exit code 1
+    (after ``cleanup``, e.g. stopping a progress bar)."""
+    try:
+        return asyncio.run(coro)
+    except SagakitError as exc:
+        if cleanup is not None:
+            cleanup()
+        fail(str(exc))
+
+
+def reader(url: str) -> App:
+    """An App that only reads ``url``; exits with a message if the database does not exist."""
+    app = App(url, worker=False)
+    if not os.path.exists(app.store.path):
+        fail(
+            f"no database at {app.store.path}; run `sagakit migrate --db {url}` to create one "
+            "or `sagakit demo` to fill one"
+        )
+    return app
+
+
+def console() -> Console:
+    """A console for stdout; piped output gets wide lines instead of truncated columns."""
+    out = Console()
+    return out if out.is_terminal else Console(width=200)
+
+
+def _jsonable(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    """JSON text for the CLI's ``--json`` output (Decimal, UUID and datetime as strings)."""
+    return json.dumps(value, indent=indent, default=_jsonable, ensure_ascii=False)
+
+
+def _when(ts: datetime) -> str:
+    fmt = "%H:%M:%S" if ts.date() == datetime.now().astimezone().date() else "%Y-%m-%d %H:%M"
+    return ts.strftime(fmt)
+
+
+# Colours of saga states and timeline outcomes.
+_STYLE = {
+    "completed": "green",
+    "compensated": "cyan",
+    "failed": "yellow",
+    "compensating": "yellow",
+    "retrying": "yellow",
+    "needs_attention": "bold red",
+    "exhausted": "bold red",
+    "interrupted": "magenta",
+}
+
+
+def _styled(word: str) -> str:
+    style = _STYLE.get(word)
+    return f"[{style}]{word}[/]" if style else word
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sagakit")
+def main() -> None:
+    """sagakit: durable sagas on SQLite. Start with `sagakit demo`."""
+
+
+# -- list --------------------------------------------------------------------------------------
+
+
+def saga_json(info: SagaInfo, *, payloads: bool = False) -> dict[str, Any]:
+    """A saga as JSON-ready values; its decoded input and output too if ``payloads``."""
+    fields = (f.name for f in dataclasses.fields(info) if not f.name.startswith("raw_"))
+    row = {name: getattr(info, name) for name in fields}
+    if payloads:
+        row["input"], row["output"] = _payload(info, "input"), _payload(info, "output")
+    return row
+
+
+def _payload(info: SagaInfo, name: str) -> Any:
+    try:
+        return getattr(info, name)
+    except PayloadError as exc:  # show the saga anyway; its payload is what is broken
+        return f"<unreadable: {exc}>"
+
+
+@main.command("list")
+@db_option
+@click.option("--state", type=click.Choice([s.value for s in SagaState]), help="Only this state.")
+@click.option("--type", "saga_type", metavar="TYPE", help="Only sagas of this type.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+def list_sagas(
+    url: str, state: str | None, saga_type: str | None, limit: int, as_json: bool
+) -> None:
+    """List sagas, newest first."""
+
+    async def fetch() -> list[SagaInfo]:
+        async with reader(url) as app:
+            return await app.list(state=state, saga_type=saga_type, limit=limit)
+
+    infos = run(fetch())
+    if as_json:
+        click.echo(dumps([saga_json(i) for i in infos]))
+        return
+    if not infos:
+        click.echo("no sagas match")
+        return
+    table = Table("id", "type", "state", "current step", "created", "updated", box=None)
+    table.columns[0].no_wrap = True
+    for i in infos:
+        when = _when(i.created_at), _when(i.updated_at)
+        table.add_row(i.id, i.saga_type, _styled(i.state), escape(i.current_step or ""), *when)
+    console().print(table)
+
+
+# -- show --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class TimelineRow:
+    """One line of a saga's timeline: a step attempt, a compensation attempt or a saga event."""
+
+    at: float
+    what: str
+    attempt: int | None = None
+    outcome: str = ""
+    took: float | None = None
+    detail: str = ""
+
+
+_OPENS = {Kind.STEP_STARTED: "step", Kind.COMPENSATION_STARTED: "undo"}
+_CLOSES = {
+    Kind.STEP_RETRYING: ("step", "retrying"),
+    Kind.STEP_COMPLETED: ("step", "completed"),
+    Kind.STEP_FAILED: ("step", "failed"),
+    Kind.COMPENSATION_RETRYING: ("undo", "retrying"),
+    Kind.COMPENSATION_COMPLETED: ("undo", "compensated"),
+    Kind.COMPENSATION_EXHAUSTED: ("undo", "exhausted"),
+}
+_EVENTS = {
+    Kind.SAGA_STARTED: "saga started",
+    Kind.VALUE_RECORDED: "value recorded",
+    Kind.SAGA_COMPENSATING: "compensating",
+    Kind.SAGA_COMPLETED: "saga completed",
+    Kind.SAGA_FAILED: "saga failed, compensated",
+    Kind.SAGA_PARKED: "needs attention",
+    Kind.OPERATOR_RETRY: "operator retry",
+    Kind.OPERATOR_RESOLVED: "resolved by operator",
+}
+_INTERRUPTED = "interrupted"
+
+
+def _detail(e: Entry) -> str:
+    data = e.data or {}
+    parts = [f"{e.error.get('type')}: {e.error.get('message')}"] if e.error else []
+    if e.kind is Kind.SAGA_COMPENSATING and e.error and e.error.get("type") == "StepFailed":
+        parts = ["a step failed for good (above)"]
+    if "retry_in" in data:
+        parts.append(f"retry in {data['retry_in']:.3f} s")
+    if e.kind is Kind.VALUE_RECORDED:
+        parts.append(f"ctx.{data.get('name')}() = {data.get('value')!r}")
+    if "note" in data:
+        parts.append(str(data["note"]))
+    if "owed" in data:
+        parts.append(f"compensations owed: {', '.join(map(str, data['owed']))}")
+    return "; ".join(parts)
+
+
+def timeline(entries: Sequence[Entry], *, active: bool) -> list[TimelineRow]:
+    """The journal as rows: each step attempt and compensation attempt with its outcome and
+    duration (started -> completed/failed/retrying), and the saga's own events. An attempt
+    started again without an outcome was interrupted (its process stopped) and re-run."""
+    rows: list[TimelineRow] = []
+    running: dict[tuple[str, int | None], TimelineRow] = {}
+    for e in entries:
+        if e.kind in _OPENS:
+            lane = _OPENS[e.kind]
+            if (old := running.get((lane, e.seq))) is not None:
+                old.outcome, old.detail = _INTERRUPTED, "re-run after recovery"
+            row = TimelineRow(
+                at=e.at, what=_label(lane, e.step), attempt=e.attempt, outcome="running"
+            )
+            running[(lane, e.seq)] = row
+        elif e.kind in _CLOSES:
+            lane, outcome = _CLOSES[e.kind]
+            found = running.pop((lane, e.seq), None)
+            row = found or TimelineRow(at=e.at, what=_label(lane, e.step), attempt=e.attempt)
+            row.outcome, row.took, row.detail = outcome, e.at - row.at, _detail(e)
+            if found is not None:
+                continue
+        else:
+            row = TimelineRow(at=e.at, what=_EVENTS[e.kind], detail=_detail(e))
+        rows.append(row)
+    for row in running.values():
+        if not active:
+            row.outcome = _INTERRUPTED
+    return rows
+
+
+def _label(lane: str, step: str | None) -> str:
+    return f"↩ {step}" if lane == "undo" else str(step)
+
+
+def _timeline_table(rows: list[TimelineRow], start: float) -> Table:
+    table = Table("at", "step", "attempt", "outcome", "took", "detail", box=None)
+    for r in rows:
+        took = "" if r.took is None else f"{r.took * 1000:.0f} ms"
+        attempt = "" if r.attempt is None else str(r.attempt)
+        at = f"+{r.at - start:.3f}s"
+        table.add_row(at, escape(r.what), attempt, _styled(r.outcome), took, escape(r.detail))
+    return table
+
+
+def _summary(info: SagaInfo) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    took = (info.updated_at - info.created_at).total_seconds()
+    fields = [
+        ("saga", info.id),
+        ("type", f"{info.saga_type} v{info.version}"),
+        ("state", info.state.value),
+        ("current step", info.current_step or "-"),
+        ("idempotency key", info.idempotency_key or "-"),
+        ("created", info.created_at.isoformat(timespec="milliseconds")),
+        ("updated", f"{info.updated_at.isoformat(timespec='milliseconds')} (+{took:.3f} s)"),
+        ("input", dumps(_payload(info, "input"), indent=None)),
+    ]
+    if info.state is SagaState.COMPLETED:
+        fields.append(("output", dumps(_payload(info, "output"), indent=None)))
+    if info.error:
+        fields.append(("error", f"{info.error.get('type')}: {info.error.get('message')}"))
+    for name, value in fields:
+        grid.add_row(f"[bold]{name}[/]", escape(value))
+    return grid
+
+
+@main.command()
+@click.argument("saga_id")
+@db_option
+@json_option
+def show(saga_id: str, url: str, as_json: bool) -> None:
+    """Show one saga: its state and the timeline of its journal."""
+
+    async def fetch() -> tuple[SagaInfo, list[Entry]]:
+        async with reader(url) as app:
+            return await app.get(saga_id), await app.journal(saga_id)
+
+    info, entries = run(fetch())
+    rows = timeline(entries, active=info.state in ACTIVE)
+    start = entries[0].at if entries else info.created_at.timestamp()
+    if as_json:
+        saga = saga_json(info, payloads=True)
+        steps = [
+            {**dataclasses.asdict(r), "at": datetime.fromtimestamp(r.at).astimezone()} for r in rows
+        ]
+        journal = [dataclasses.asdict(e) for e in entries]
+        click.echo(dumps({"saga": saga, "timeline": steps, "journal": journal}))
+        return
+    out = console()
+    out.print(_summary(info))
+    out.print()
+    out.print(_timeline_table(rows, start))
+
+
+# -- worker ------------------------------------------------------------------------------------
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` and return it if it is an App, else a clear usage error."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"{target!r} is not MODULE:ATTRIBUTE (e.g. myproject.sagas:app)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}") from None
+    except SagakitError as exc:
+        raise click.BadParameter(f"building {target} failed: {exc}") from exc
+    if not isinstance(obj, App):
+        raise click.BadParameter(f"{target} is a {type(obj).__name__}, not a sagakit.App")
+    return obj
+
+
+async def _work(app: App) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    click.echo(
+        f"sagakit worker (pid {os.getpid()}) starting on {app.store.location}; "
+        "SIGTERM or Ctrl-C stops it",
+        err=True,
+    )
+    await app.run_worker(stop)
+    click.echo("sagakit worker stopped; unfinished sagas resume on the next start", err=True)
+
+
+@main.command()
+@click.option(
+    "--app",
+    "target",
+    required=True,
+    metavar="MODULE:ATTR",
+    help="The sagakit.App to run, e.g. sagakit.examples.order_fulfillment:app.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds that step bodies still running on shutdown get to finish.",
+)
+def worker(target: str, log_level: str, grace: float) -> None:
+    """Execute and recover an App's sagas until SIGTERM or Ctrl-C.
+
+    Commits in flight finish on shutdown; unfinished sagas resume from their journal when a
+    worker starts again."""
+    try:
+        app = load_app(target)
+    except click.BadParameter as exc:
+        exc.param_hint = "'--app'"
+        raise
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run(_work(app))
+    _exit_when_threads_end(grace)
+
+
+def _exit_when_threads_end(grace: float) -> NoReturn:
+    # Synchronous step bodies may still run in threads: their sagas were stopped and their
+    # results will be discarded (the sagas resume from the journal, like after a crash), but
+    # the interpreter would wait for them without limit at exit. Give them ``grace`` seconds.
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# -- migrate -----------------------------------------------------------------------------------
+
+
+@main.command()
+@db_option
+def migrate(url: str) -> None:
+    """Create the database or upgrade its schema, and print the schema version."""
+
+    async def open_db() -> tuple[str, int]:
+        async with App(url, worker=False) as app:  # opening creates or migrates
+            return app.store.location, await app.store.schema_version()
+
+    location, version = run(open_db())
+    click.echo(f"{location}: schema version {version} (up to date)")
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+@main.command()
+@db_option
+@click.option("--orders", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option(
+    "--kills",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Times the worker is SIGKILLed mid-run.",
+)
+@click.option(
+    "--latency",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Seconds a simulated service call takes at most.",
+)
+@click.option("--decline-rate", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option(
+    "--shipment-failure-rate", type=click.FloatRange(0, 1), default=0.05, show_default=True
+)
+def demo(url: str, kills: int, **simulation: Any) -> None:
+    """Run orders through a worker that is SIGKILLed mid-run, then check the outcome.
+
+    Deletes the previous demo's database and ledger first, and leaves the new ones, so
+    `sagakit list` and `sagakit show ID` work afterwards."""
+    from sagakit.demo import DemoConfig, ProgressObserver, kill_points, render_report, run_demo
+
+    config = DemoConfig(url=url, kill_at=kill_points(kills), **simulation)
+    out = Console()
+    with ProgressObserver(out) as observer:
+        report = run(run_demo(config, observer), cleanup=observer.stop)
+    render_report(report, out, db_option="" if url == DEFAULT_URL else f" --db {url}")
+    for violation in report.violations():
+        Console(stderr=True).print(f"[bold red]invariant violated:[/] {escape(violation)}")
+    if report.violations():
+        sys.exit(1)
