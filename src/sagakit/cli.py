@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -28,8 +28,9 @@ from rich.table import Table
 
 from sagakit.app import App, SagaInfo
 from sagakit.errors import PayloadError, SagakitError
-from sagakit.journal import ACTIVE, Entry, Kind, SagaState
+from sagakit.journal import ACTIVE, Entry, SagaState
 from sagakit.store import DEFAULT_URL
+from sagakit.timeline import TimelineRow, timeline
 
 T = TypeVar("T")
 
@@ -167,91 +168,6 @@ def list_sagas(
 
 
 # -- show --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(slots=True, kw_only=True)
-class TimelineRow:
-    """One line of a saga's timeline: a step attempt, a compensation attempt or a saga event."""
-
-    at: float
-    what: str
-    attempt: int | None = None
-    outcome: str = ""
-    took: float | None = None
-    detail: str = ""
-
-
-_OPENS = {Kind.STEP_STARTED: "step", Kind.COMPENSATION_STARTED: "undo"}
-_CLOSES = {
-    Kind.STEP_RETRYING: ("step", "retrying"),
-    Kind.STEP_COMPLETED: ("step", "completed"),
-    Kind.STEP_FAILED: ("step", "failed"),
-    Kind.COMPENSATION_RETRYING: ("undo", "retrying"),
-    Kind.COMPENSATION_COMPLETED: ("undo", "compensated"),
-    Kind.COMPENSATION_EXHAUSTED: ("undo", "exhausted"),
-}
-_EVENTS = {
-    Kind.SAGA_STARTED: "saga started",
-    Kind.VALUE_RECORDED: "value recorded",
-    Kind.SAGA_COMPENSATING: "compensating",
-    Kind.SAGA_COMPLETED: "saga completed",
-    Kind.SAGA_FAILED: "saga failed, compensated",
-    Kind.SAGA_PARKED: "needs attention",
-    Kind.OPERATOR_RETRY: "operator retry",
-    Kind.OPERATOR_RESOLVED: "resolved by operator",
-}
-_INTERRUPTED = "interrupted"
-
-
-def _detail(e: Entry) -> str:
-    data = e.data or {}
-    parts = [f"{e.error.get('type')}: {e.error.get('message')}"] if e.error else []
-    if e.kind is Kind.SAGA_COMPENSATING and e.error and e.error.get("type") == "StepFailed":
-        parts = ["a step failed for good (above)"]
-    if "retry_in" in data:
-        parts.append(f"retry in {data['retry_in']:.3f} s")
-    if e.kind is Kind.VALUE_RECORDED:
-        parts.append(f"ctx.{data.get('name')}() = {data.get('value')!r}")
-    if "note" in data:
-        parts.append(str(data["note"]))
-    if "owed" in data:
-        parts.append(f"compensations owed: {', '.join(map(str, data['owed']))}")
-    return "; ".join(parts)
-
-
-def timeline(entries: Sequence[Entry], *, active: bool) -> list[TimelineRow]:
-    """The journal as rows: each step attempt and compensation attempt with its outcome and
-    duration (started -> completed/failed/retrying), and the saga's own events. An attempt
-    started again without an outcome was interrupted (its process stopped) and re-run."""
-    rows: list[TimelineRow] = []
-    running: dict[tuple[str, int | None], TimelineRow] = {}
-    for e in entries:
-        if e.kind in _OPENS:
-            lane = _OPENS[e.kind]
-            if (old := running.get((lane, e.seq))) is not None:
-                old.outcome, old.detail = _INTERRUPTED, "re-run after recovery"
-            row = TimelineRow(
-                at=e.at, what=_label(lane, e.step), attempt=e.attempt, outcome="running"
-            )
-            running[(lane, e.seq)] = row
-        elif e.kind in _CLOSES:
-            lane, outcome = _CLOSES[e.kind]
-            found = running.pop((lane, e.seq), None)
-            row = found or TimelineRow(at=e.at, what=_label(lane, e.step), attempt=e.attempt)
-            row.outcome, row.took, row.detail = outcome, e.at - row.at, _detail(e)
-            if found is not None:
-                continue
-        else:
-            row = TimelineRow(at=e.at, what=_EVENTS[e.kind], detail=_detail(e))
-        rows.append(row)
-    for row in running.values():
-        if not active:
-            row.outcome = _INTERRUPTED
-    return rows
-
-
-def _label(lane: str, step: str | None) -> str:
-    return f"↩ {step}" if lane == "undo" else str(step)
 
 
 def _timeline_table(rows: list[TimelineRow], start: float) -> Table:

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from sagakit.app import App, SagaInfo
 from sagakit.codec import decode
-from sagakit.errors import SagakitError
+from sagakit.errors import DemoError
 from sagakit.examples import order_fulfillment as example
 from sagakit.journal import TERMINAL, Kind, SagaState, project
 from sagakit.ledger import Ledger, LedgerReport
@@ -39,10 +39,6 @@ from sagakit.store import DEFAULT_URL, open_store
 
 WORKER_APP = "sagakit.examples.order_fulfillment:app"
 SETTLED = (*TERMINAL, SagaState.NEEDS_ATTENTION)
-
-
-class DemoError(SagakitError):
-    """The demo could not run (its files are in use, or the worker died on its own)."""
 
 
 def kill_points(kills: int) -> tuple[float, ...]:

@@ -23,6 +23,7 @@
     ├── StepError                     raised inside a workflow by ``await ctx.step(...)``
     │   ├── StepFailed                the step failed for good (retries exhausted or not retryable)
     │   └── StepTimedOut              one attempt ran past its timeout
+    ├── DemoError                     `sagakit demo` could not run (files in use, worker died)
     ├── SagaDeadlineExceeded          the saga's deadline passed before a step could start
     ├── NonDeterminismError           a replay called a different step than the journal recorded
     └── SagaFailed                    SagaHandle.result() of a saga that did not complete
@@ -197,6 +198,10 @@ class StepTimedOut(StepError):
             f"step {step!r} of saga {saga_id} timed out after {after} s; {then} "
             f"(attempt {attempt} of {of})"
         )
+
+
+class DemoError(SagakitError):
+    """The demo could not run (its files are in use, or the worker died on its own)."""
 
 
 class SagaDeadlineExceeded(SagakitError):

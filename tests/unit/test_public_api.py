@@ -13,6 +13,7 @@ PUBLIC_API = [
     "CorruptPayload",
     "DatabaseOwned",
     "DefinitionError",
+    "DemoError",
     "DuplicateSagaType",
     "DuplicateStepName",
     "Entry",
