@@ -99,7 +99,7 @@ class Projection:
     """What a journal says about its saga. Built by :func:`project`."""
 
     state: SagaState = SagaState.STARTED
-    current_step: str | None = None
+    current_step: str | None = None  # the last forward step: where a failed saga failed
     output: str | None = None
     error: dict[str, Any] | None = None
     next_index: int = 0
@@ -166,7 +166,7 @@ def apply(p: Projection, e: Entry) -> None:
         p.compensation_attempts.clear()
     if state is not None:
         p.state = state
-    if e.step is not None:
+    if e.step is not None and kind in _STEP_KINDS:
         p.current_step = e.step
     if kind in _STEP_KINDS:
         _apply_step(p, e)
@@ -195,7 +195,7 @@ def row_changes(entries: Iterable[Entry]) -> dict[str, Any]:
             state = SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
         if state is not None:
             changes["state"] = state
-        if e.step is not None:
+        if e.step is not None and e.kind in _STEP_KINDS:
             changes["current_step"] = e.step
         if e.kind is Kind.SAGA_COMPLETED:
             changes["output"] = e.payload

@@ -149,7 +149,7 @@ RETRIED_BY_OPERATOR = _journal(
             COMPENSATED,
             {
                 "state": SagaState.FAILED,
-                "current_step": "reserve",
+                "current_step": "pay",  # where it failed: compensations leave it alone
                 "output": None,
                 "error": {"message": "declined"},
             },
