@@ -10,7 +10,7 @@ Quick start::
     print(await handle.result())
 """
 
-from sagakit.app import App, SagaHandle, SagaInfo
+from sagakit.app import App
 from sagakit.definition import RetryPolicy, Saga, Step, step
 from sagakit.errors import (
     AppClosed,
@@ -21,6 +21,7 @@ from sagakit.errors import (
     DemoError,
     DuplicateSagaType,
     DuplicateStepName,
+    FencedOut,
     InvalidInput,
     InvalidRetryPolicy,
     InvalidSagaState,
@@ -37,8 +38,10 @@ from sagakit.errors import (
     StepFailed,
     StepTimedOut,
     StoreError,
+    StoreUnavailable,
     UnknownSagaType,
 )
+from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.sync import SyncApp
 from sagakit.workflow import StepContext, WorkflowContext
@@ -54,6 +57,7 @@ __all__ = [
     "DuplicateSagaType",
     "DuplicateStepName",
     "Entry",
+    "FencedOut",
     "InvalidInput",
     "InvalidRetryPolicy",
     "InvalidSagaState",
@@ -78,6 +82,7 @@ __all__ = [
     "StepFailed",
     "StepTimedOut",
     "StoreError",
+    "StoreUnavailable",
     "SyncApp",
     "UnknownSagaType",
     "WorkflowContext",

@@ -9,8 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -24,99 +22,18 @@ from sagakit.errors import (
     InvalidInput,
     InvalidSagaState,
     PayloadError,
-    SagaFailed,
     SagaNotFound,
     UnknownSagaType,
 )
+from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState
 from sagakit.store import open_store
 from sagakit.store.base import SagaRecord
-from sagakit.worker import Outcome, Runner
+from sagakit.worker import Outcome, Runner, RunnerSettings
 
 RESTING = TERMINAL | {SagaState.NEEDS_ATTENTION}
 
 log = logging.getLogger("sagakit")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SagaInfo:
-    """A saga as ``app.get`` and ``app.list`` report it.
-
-    ``input`` and ``output`` are decoded when read, so a saga whose stored payload is corrupt
-    can still be listed and shown; reading the payload then raises
-    :class:`~sagakit.errors.CorruptPayload`. ``raw_input`` and ``raw_output`` are the JSON text.
-    """
-
-    id: str
-    saga_type: str
-    version: int
-    state: SagaState
-    idempotency_key: str | None
-    raw_input: str | None
-    raw_output: str | None
-    error: dict[str, Any] | None
-    current_step: str | None
-    created_at: datetime
-    updated_at: datetime
-    deadline: datetime | None
-
-    @property
-    def input(self) -> Any:
-        return decode(self.raw_input)
-
-    @property
-    def output(self) -> Any:
-        return decode(self.raw_output)
-
-    @classmethod
-    def of(cls, r: SagaRecord) -> SagaInfo:
-        return cls(
-            id=r.id,
-            saga_type=r.saga_type,
-            version=r.version,
-            state=r.state,
-            idempotency_key=r.idempotency_key,
-            raw_input=r.input,
-            raw_output=r.output,
-            error=r.error,
-            current_step=r.current_step,
-            created_at=_local(r.created_at),
-            updated_at=_local(r.updated_at),
-            deadline=None if r.deadline is None else _local(r.deadline),
-        )
-
-
-def _local(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp).astimezone()
-
-
-class SagaHandle:
-    """A started saga. ``created`` is False when ``start`` found an existing saga for the
-    idempotency key."""
-
-    def __init__(self, app: App, saga_id: str, *, created: bool = False) -> None:
-        self.app = app
-        self.id = saga_id
-        self.created = created
-
-    def __repr__(self) -> str:
-        return f"SagaHandle({self.id!r})"
-
-    async def status(self) -> SagaInfo:
-        return await self.app.get(self.id)
-
-    async def result(self, timeout: float | None = None) -> Any:
-        """Wait until the saga stops moving and return its output.
-
-        Raises:
-            SagaFailed: it ended failed, cancelled or in needs_attention (``.state`` says which).
-            TimeoutError: ``timeout`` seconds passed first.
-        """
-        async with asyncio.timeout(timeout):
-            outcome = await self.app.outcome(self.id)
-        if outcome.state is SagaState.COMPLETED:
-            return decode(outcome.output)
-        raise SagaFailed(self.id, outcome.state, outcome.error)
 
 
 class App:
@@ -130,7 +47,10 @@ class App:
             :class:`DatabaseOwned` if another process holds it), False to only start and read
             them, None (default) to execute them if no other process does.
         max_concurrency: sagas executed at once by this process.
-        poll_interval: seconds between looks for sagas started by other processes.
+        poll_interval: seconds between looks for sagas to claim (started by other processes,
+            or left by workers that died), besides the wake-ups the database sends.
+        max_recoveries: a saga taken over from dead workers more often than this is parked
+            in ``needs_attention`` instead of being run again.
         thread_pool_size: threads for synchronous step functions.
     """
 
@@ -142,12 +62,16 @@ class App:
         worker: bool | None = None,
         max_concurrency: int = 1000,
         poll_interval: float = 1.0,
+        max_recoveries: int = 5,
         thread_pool_size: int = 32,
     ) -> None:
         self.store = open_store(url, durability=durability)
         self._want_worker = worker
-        self._max_concurrency = max_concurrency
-        self._poll_interval = poll_interval
+        self._settings = RunnerSettings(
+            max_concurrency=max_concurrency,
+            poll_interval=poll_interval,
+            max_recoveries=max_recoveries,
+        )
         self._thread_pool_size = thread_pool_size
         self._sagas: dict[str, dict[int, Saga]] = {}
         self._runner: Runner | None = None
@@ -205,32 +129,26 @@ class App:
                 return
             await self.store.open()
             if self._want_worker is not False:
-                try:
-                    self.store.acquire_ownership()
-                except DatabaseOwned:
-                    if self._want_worker:
-                        await self.store.close()
-                        raise
-                    log.info("another process executes %s; this App only starts and reads",
-                             self.store.location)  # fmt: skip
-                else:
-                    self._start_runner()
+                await self._become_worker()
             self._opened = True
         if self._runner is not None:
             await self._runner.recover()
             self._runner.start_polling()
 
-    def _start_runner(self) -> None:
-        self._executor = ThreadPoolExecutor(
-            self._thread_pool_size, thread_name_prefix="sagakit-step"
-        )
-        self._runner = Runner(
-            self.store,
-            self.definition,
-            max_concurrency=self._max_concurrency,
-            poll_interval=self._poll_interval,
-            executor=self._executor,
-        )
+    async def _become_worker(self) -> None:
+        executor = ThreadPoolExecutor(self._thread_pool_size, thread_name_prefix="sagakit-step")
+        runner = Runner(self.store, self.definition, self._settings, executor)
+        try:
+            await self.store.start_worker(runner.wake)
+        except DatabaseOwned:
+            executor.shutdown(wait=False)
+            if self._want_worker:
+                await self.store.close()
+                raise
+            log.info("another process executes %s; this App only starts and reads",
+                     self.store.location)  # fmt: skip
+            return
+        self._executor, self._runner = executor, runner
 
     async def close(self) -> None:
         """Stop executing (running sagas resume from their journal next time) and close."""
@@ -239,6 +157,7 @@ class App:
         if self._runner is not None:
             await self._runner.stop()
             self._runner = None
+            await self.store.stop_worker()
         await self.store.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -307,12 +226,13 @@ class App:
             deadline=None if limit is None else now + limit,
             created_at=now,
             updated_at=now,
+            owner=self.store.worker_id if self._runner is not None else None,
         )
         first = Entry(saga_id=record.id, index=0, kind=Kind.SAGA_STARTED, at=now, payload=payload,
                       data={"version": saga.version})  # fmt: skip
         stored, created = await self.store.create(record, first)
         if created and self._runner is not None:
-            self._runner.launch(stored, first)
+            self._runner.launch(stored, [first])
         return SagaHandle(self, stored.id, created=created)
 
     def handle(self, saga_id: str) -> SagaHandle:
@@ -390,12 +310,9 @@ class App:
             return [_operator_entry(journal, Kind.OPERATOR_RETRY, {"resume": resume.value})]
 
         await self._ready()
-        record = await self.store.append_checked(saga_id, decide)
+        await self.store.append_checked(saga_id, decide)
         if self._runner is not None:
-            self._runner.launch(record)
-        else:
-            log.info("saga %s queued for retry; the process executing %s resumes it",
-                     saga_id, self.store.location)  # fmt: skip
+            self._runner.wake()  # it claims the saga, which the retry released
         return SagaHandle(self, saga_id)
 
     async def resolve(self, saga_id: str, note: str) -> SagaInfo:

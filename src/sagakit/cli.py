@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sagakit.app import App, SagaInfo
+from sagakit.app import App
 from sagakit.errors import PayloadError, SagakitError
+from sagakit.handle import SagaInfo
 from sagakit.journal import ACTIVE, Entry, SagaState
 from sagakit.store import DEFAULT_URL
 from sagakit.timeline import TimelineRow, timeline

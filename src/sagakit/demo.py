@@ -29,10 +29,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sagakit.app import App, SagaInfo
+from sagakit.app import App
 from sagakit.codec import decode
 from sagakit.errors import DemoError
 from sagakit.examples import order_fulfillment as example
+from sagakit.handle import SagaInfo
 from sagakit.journal import TERMINAL, Kind, SagaState, project
 from sagakit.ledger import Ledger, LedgerReport
 from sagakit.store import DEFAULT_URL, open_store

@@ -19,7 +19,9 @@
     │   ├── InvalidInput              an input that does not fit the workflow's declared type
     │   └── CorruptPayload            stored text that is not valid sagakit JSON
     ├── StoreError                    the database failed; the driver's error is the cause
-    │   └── SchemaTooNew              the file was written by a newer sagakit
+    │   ├── SchemaTooNew              the file was written by a newer sagakit
+    │   ├── StoreUnavailable          the database cannot be reached now; try again later
+    │   └── FencedOut                 this worker no longer owns the saga it tried to write
     ├── StepError                     raised inside a workflow by ``await ctx.step(...)``
     │   ├── StepFailed                the step failed for good (retries exhausted or not retryable)
     │   └── StepTimedOut              one attempt ran past its timeout
@@ -158,6 +160,24 @@ class SchemaTooNew(StoreError):
         super().__init__(
             f"database {location} has schema version {found}, but this sagakit supports up to "
             f"{supported}; upgrade sagakit (it was written by a newer release). Nothing was changed"
+        )
+
+
+class StoreUnavailable(StoreError):
+    def __init__(self, location: str, reason: str) -> None:
+        self.location, self.reason = location, reason
+        super().__init__(
+            f"database {location} cannot be reached ({reason}); sagakit retries with backoff, "
+            "and sagas resume from their journal once it is back"
+        )
+
+
+class FencedOut(StoreError):
+    def __init__(self, saga_id: str, worker: str) -> None:
+        self.saga_id, self.worker = saga_id, worker
+        super().__init__(
+            f"worker {worker} no longer owns saga {saga_id} (its lease expired and another "
+            "worker took the saga over); this worker drops the saga and wrote nothing"
         )
 
 

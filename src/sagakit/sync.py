@@ -8,8 +8,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from sagakit.app import App, SagaInfo
+from sagakit.app import App
 from sagakit.definition import Saga
+from sagakit.handle import SagaInfo
 
 T = TypeVar("T")
 

@@ -1,8 +1,11 @@
-"""Runs the sagas of one database in this process: launch, recover, poll, shut down.
+"""Runs sagas in this process: launch, claim, recover, retry after store outages, shut down.
 
-On SQLite one process owns a database's sagas (a file lock says which). Its runner resumes
-every started, running or compensating saga from the journal when it starts, runs sagas this
-process starts at once, and polls for sagas that other processes started.
+A runner executes sagas as asyncio tasks. It runs the sagas this process starts at once, and
+claims the others from the store: on start (recovery), when woken (a new saga, a retry), and
+every ``poll_interval``. A saga whose run stopped on a store error (the database went away) is
+run again from its journal once the store answers; one this worker no longer owns (fenced out)
+is dropped. A saga that was taken over from dead workers more than ``max_recoveries`` times is
+parked in ``needs_attention``: it may be what kills them.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from typing import Any
 from sagakit.codec import decode, error_info
 from sagakit.definition import Saga
 from sagakit.engine import SagaRun
-from sagakit.errors import ConfigurationError, PayloadError
+from sagakit.errors import ConfigurationError, FencedOut, PayloadError, StoreError
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.store.base import SagaRecord, Store
 
 log = logging.getLogger("sagakit.worker")
+
+CLAIM_BATCH = 200
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,70 +54,94 @@ _AT_REST = frozenset(
 Resolve = Callable[[str, int], Saga | None]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunnerSettings:
+    max_concurrency: int = 1000
+    poll_interval: float = 1.0
+    max_recoveries: int = 5
+    retry_interval: float = 0.5  # first wait before re-running a saga after a store error
+
+
 class Runner:
     """Executes sagas as asyncio tasks, at most ``max_concurrency`` at a time."""
 
     def __init__(
-        self,
-        store: Store,
-        resolve: Resolve,
-        *,
-        max_concurrency: int,
-        poll_interval: float,
-        executor: Executor | None,
+        self, store: Store, resolve: Resolve, settings: RunnerSettings, executor: Executor | None
     ) -> None:
-        if max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if settings.max_concurrency < 1:
+            raise ConfigurationError(
+                f"max_concurrency must be >= 1, got {settings.max_concurrency}"
+            )
         self.store = store
         self.resolve = resolve
-        self.poll_interval = poll_interval
+        self.settings = settings
         self.executor = executor
         self.tasks: dict[str, asyncio.Task[Outcome | None]] = {}
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._poller: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Sagas this worker owns whose run stopped on a store error: id -> (record, attempts)
+        self._orphans: dict[str, tuple[SagaRecord, int]] = {}
 
     def launch(
-        self, record: SagaRecord, first: Entry | None = None
+        self, record: SagaRecord, journal: list[Entry] | None = None
     ) -> asyncio.Task[Outcome | None]:
-        """Run ``record``'s saga unless it already runs here. ``first`` is its only journal
-        entry when the saga was just created, which saves reading the journal back."""
+        """Run ``record``'s saga unless it already runs here. ``journal`` saves reading it."""
         task = self.tasks.get(record.id)
         if task is None:
-            task = asyncio.create_task(self._run(record, first), name=f"saga-{record.id}")
+            task = asyncio.create_task(self._run(record, journal), name=f"saga-{record.id}")
             self.tasks[record.id] = task
         return task
 
-    async def _run(self, record: SagaRecord, first: Entry | None) -> Outcome | None:
+    async def _run(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
         try:
             async with self._slots:
-                return await self._execute(record, first)
-        except asyncio.CancelledError:
-            raise
+                outcome = await self._execute(record, journal)
+            self._orphans.pop(record.id, None)
+            return outcome
+        except FencedOut as exc:
+            log.warning("dropping saga %s: %s", record.id, exc)
+            self._orphans.pop(record.id, None)
+            return None
+        except (StoreError, OSError) as exc:
+            tries = self._orphans.get(record.id, (record, 0))[1] + 1
+            log.warning("saga %s stopped on a store error (%s); it resumes from its journal "
+                        "when the store answers (try %d)", record.id, exc, tries)  # fmt: skip
+            self._orphans[record.id] = (record, tries)
+            return None
         except Exception:
-            # A store failure: the saga stays where its journal left it and is retried by the
-            # next recovery pass.
-            log.exception("saga %s stopped on an internal error; it will be recovered", record.id)
+            log.exception("saga %s stopped on an internal error; it resumes later", record.id)
+            tries = self._orphans.get(record.id, (record, 0))[1] + 1
+            self._orphans[record.id] = (record, tries)
             return None
         finally:
             self.tasks.pop(record.id, None)
 
-    async def _execute(self, record: SagaRecord, first: Entry | None) -> Outcome | None:
-        journal = [first] if first is not None else await self.store.journal(record.id)
+    async def _execute(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
+        if journal is None:
+            journal = await self.store.journal(record.id)
         if journal and journal[-1].kind in _AT_REST:
             return None  # a stale launch: it finished, or waits for an operator
+        if record.recoveries > self.settings.max_recoveries:
+            reason = (
+                f"saga {record.id} was taken over from a worker that died "
+                f"{record.recoveries} times; it may be what kills them. Inspect it with "
+                "`sagakit show`, then `sagakit retry` or `sagakit resolve` it"
+            )
+            await self._park(record, journal, ConfigurationError(reason))
+            return None
         saga = self.resolve(record.saga_type, record.version)
         if saga is None:
             reason = (
                 f"saga type {record.saga_type!r} version {record.version} is not registered in "
                 "this process; deploy code that registers it, then `sagakit retry` the saga"
             )
-            await self._park(record, len(journal), ConfigurationError(reason))
+            await self._park(record, journal, ConfigurationError(reason))
             return None
         try:
             data = decode(record.input, saga.input_type)
         except PayloadError as exc:
-            await self._park(record, len(journal), exc)
+            await self._park(record, journal, exc)
             return None
         run = SagaRun(
             store=self.store,
@@ -126,31 +155,32 @@ class Runner:
         state = await run.execute()
         return Outcome(state=state, output=run.output, error=run.error)
 
-    async def _park(self, record: SagaRecord, index: int, reason: Exception) -> None:
+    async def _park(self, record: SagaRecord, journal: list[Entry], reason: Exception) -> None:
         log.error("saga %s needs attention: %s", record.id, reason)
-        entry = Entry(
-            saga_id=record.id,
-            index=index,
-            kind=Kind.SAGA_PARKED,
-            at=time.time(),
-            error=error_info(reason),
-        )
+        index = journal[-1].index + 1 if journal else 0
+        entry = Entry(saga_id=record.id, index=index, kind=Kind.SAGA_PARKED, at=time.time(),
+                      error=error_info(reason))  # fmt: skip
         await self.store.append(record.id, (entry,))
 
     async def recover(self) -> int:
-        """Launch every active saga of the store that does not run here; return how many."""
-        launched = 0
-        after: tuple[float, str] | None = None
+        """Claim sagas no live worker owns and re-run orphans; return how many were launched."""
+        launched = self._relaunch_orphans()
         while True:
-            batch = await self.store.active(limit=500, after=after)
-            if not batch:
+            free = self.settings.max_concurrency - len(self.tasks)
+            if free <= 0:
                 return launched
-            for record in batch:
-                if record.id not in self.tasks:
-                    self.launch(record)
-                    launched += 1
-            after = (batch[-1].created_at, batch[-1].id)
-            await asyncio.sleep(0)
+            claimed = await self.store.claim(min(CLAIM_BATCH, free))
+            for c in claimed:
+                self.launch(c.record, c.journal)
+            launched += len(claimed)
+            if len(claimed) < min(CLAIM_BATCH, free):
+                return launched
+
+    def _relaunch_orphans(self) -> int:
+        due = [r for r, _ in self._orphans.values() if r.id not in self.tasks]
+        for record in due:
+            self.launch(record)
+        return len(due)
 
     def start_polling(self) -> None:
         if self._poller is None:
@@ -160,14 +190,23 @@ class Runner:
         self._wake.set()
 
     async def _poll(self) -> None:
+        failures = 0
         while True:
             try:
                 await self.recover()
+                failures = 0
+            except (StoreError, OSError) as exc:
+                failures += 1
+                log.warning("claiming sagas failed (%s); retrying", exc)
             except Exception:
-                log.exception("recovery pass failed; retrying in %.1fs", self.poll_interval)
+                failures += 1
+                log.exception("claiming sagas failed; retrying")
             self._wake.clear()
+            wait = self.settings.poll_interval
+            if failures or self._orphans:
+                wait = min(wait, self.settings.retry_interval * 2 ** min(failures, 5))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def stop(self) -> None:
         """Stop at once: cancel every saga task; each resumes from its journal next time."""

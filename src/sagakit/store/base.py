@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -11,7 +14,9 @@ from sagakit.journal import Entry, SagaState
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SagaRecord:
-    """A saga row: the projection of its journal, plus what it was started with."""
+    """A saga row: the projection of its journal, plus what it was started with and who
+    executes it (``owner``, a worker id; ``recoveries``, how often a worker that died held
+    it)."""
 
     id: str
     saga_type: str
@@ -25,24 +30,54 @@ class SagaRecord:
     deadline: float | None
     created_at: float
     updated_at: float
+    owner: str | None = None
+    recoveries: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claimed:
+    """A saga a worker took over, with its journal."""
+
+    record: SagaRecord
+    journal: list[Entry]
 
 
 # Given a saga's row and journal, the entries to append (or raise to append nothing).
 Decide = Callable[[SagaRecord, list[Entry]], Sequence[Entry]]
 
 
+def new_worker_id() -> str:
+    """A worker id that names the host and process, unique across restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 class Store(Protocol):
-    """Durable storage of saga rows and journals.
+    """Durable storage of saga rows and journals, and who executes which saga.
 
     ``append`` returns once the entries are durable; ``append_soon`` queues entries behind
     which any later ``append`` of the same store commits, without waiting (ordering is kept).
+    Both are fenced: they raise :class:`~sagakit.errors.FencedOut` (and write nothing) unless
+    this store's worker still owns the saga.
     """
 
     location: str
+    worker_id: str
 
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema."""
+        ...
 
     async def close(self) -> None: ...
+
+    async def start_worker(self, wake: Callable[[], None]) -> None:
+        """Become a worker that executes sagas; ``wake`` is called when there may be sagas to
+        claim (a new saga, a retry, a worker that died)."""
+        ...
+
+    async def stop_worker(self) -> None:
+        """Stop being a worker: commit what is queued and release the sagas still owned, so
+        another worker can claim them at once."""
+        ...
 
     async def create(self, record: SagaRecord, first: Entry) -> tuple[SagaRecord, bool]:
         """Insert a saga and its first entry; for a used idempotency key return the existing
@@ -54,12 +89,21 @@ class Store(Protocol):
     def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None: ...
 
     async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:
-        """Read the saga and its journal, append what ``decide`` returns, in one transaction
-        (for operator actions, which race with each other); return the updated row.
+        """Read the saga and its journal, append what ``decide`` returns and release the saga
+        for any worker to claim, in one transaction (for operator actions, which race with
+        each other); return the updated row.
 
         Raises:
             SagaNotFound: no such saga.
         """
+        ...
+
+    async def claim(self, limit: int) -> list[Claimed]:
+        """Take over up to ``limit`` active sagas that no live worker owns, oldest first."""
+        ...
+
+    async def release(self, saga_ids: Sequence[str]) -> None:
+        """Give up ownership of these sagas so any worker may claim them."""
         ...
 
     async def get(self, saga_id: str) -> SagaRecord | None: ...
@@ -75,13 +119,8 @@ class Store(Protocol):
         offset: int = 0,
     ) -> list[SagaRecord]: ...
 
-    async def active(
-        self, *, limit: int = 500, after: tuple[float, str] | None = None
-    ) -> list[SagaRecord]:
-        """Sagas that are started, running or compensating, oldest first; ``after`` is the
-        (created_at, id) of the last saga of the previous page."""
-        ...
-
     async def counts(self) -> dict[str, int]:
         """Number of sagas in each state."""
         ...
+
+    async def schema_version(self) -> int: ...

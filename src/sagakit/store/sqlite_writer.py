@@ -1,0 +1,169 @@
+"""The SQLite group-commit writer: one thread, one connection, many sagas per transaction.
+
+It takes every write queued while the previous transaction was committing and commits them
+together, then wakes each waiting saga: one fsync serves many sagas. Writes queued without a
+future (``submit_soon``) wake no one; the writer holds them briefly so they ride along with the
+next durable write instead of costing an fsync of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from sagakit.errors import StoreError
+
+log = logging.getLogger("sagakit.store")
+T = TypeVar("T")
+Apply = Callable[[sqlite3.Connection], Any]
+
+
+class _Op:
+    __slots__ = ("apply", "error", "future", "result")
+
+    def __init__(self, apply: Apply, future: asyncio.Future[Any] | None) -> None:
+        self.apply = apply
+        self.future = future
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_STOP: Final = object()
+
+
+def _settle(ops: list[_Op], drained: threading.Event) -> None:
+    loop = asyncio.get_running_loop()
+    # Set once the sagas woken here have run up to their next write, so that the writer's
+    # next transaction carries all of those writes instead of the first one alone.
+    loop.call_soon(drained.set)
+    for op in ops:
+        fut = op.future
+        if fut is None or fut.done():
+            if op.error is not None:
+                log.warning("a queued journal write was refused: %s", op.error)
+            continue
+        if op.error is None:
+            fut.set_result(op.result)
+        else:
+            fut.set_exception(op.error)
+
+
+class GroupCommitWriter:
+    """Runs write functions on one connection in a thread, batching them into transactions."""
+
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], location: str, lazy_delay: float
+    ) -> None:
+        self._connect = connect
+        self._location = location
+        self._lazy_delay = lazy_delay
+        self._drain_wait = 0.002
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="sagakit-sqlite-writer")
+        self._thread.daemon = True
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Commit everything queued, then end the thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def submit(self, apply: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``apply``; the future resolves once its transaction is committed."""
+        if self._thread is None or self._loop is None:
+            raise StoreError("the store is not open; use `async with App(...)` or await app.open()")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Op(apply, fut))
+        return fut
+
+    def submit_soon(self, apply: Apply) -> None:
+        """Queue ``apply`` without waiting; a later ``submit`` commits after it."""
+        self._queue.put(_Op(apply, None))
+
+    def _run(self) -> None:
+        conn = self._connect()
+        q = self._queue
+        stopping = False
+        drained = threading.Event()
+        try:
+            while not stopping:
+                first = q.get()
+                if first is _STOP:
+                    break
+                batch: list[_Op] = [first]
+                stopping = self._gather(q, batch)
+                self._commit(conn, batch)
+                assert self._loop is not None
+                drained.clear()
+                try:
+                    self._loop.call_soon_threadsafe(_settle, batch, drained)
+                except RuntimeError:  # the loop closed under us
+                    continue
+                drained.wait(self._drain_wait)
+        finally:
+            conn.close()
+
+    def _gather(self, q: queue.SimpleQueue[Any], batch: list[_Op]) -> bool:
+        """Add every queued op to ``batch``; wait a little while all are lazy. True on STOP."""
+        waited = False
+        while True:
+            try:
+                op = q.get_nowait()
+            except queue.Empty:
+                if waited or any(o.future is not None for o in batch):
+                    return False
+                waited = True
+                try:
+                    op = q.get(timeout=self._lazy_delay)
+                except queue.Empty:
+                    return False
+            if op is _STOP:
+                return True
+            batch.append(op)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for op in batch:
+                    op.result = op.apply(conn)
+            except Exception:
+                conn.execute("ROLLBACK")
+                self._commit_isolated(conn, batch)
+                return
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            err = StoreError(f"writing to {self._location} failed: {exc}")
+            err.__cause__ = exc
+            for op in batch:
+                op.error = err
+
+    def _commit_isolated(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        """Commit the batch with each op in its own savepoint, so one bad op fails alone."""
+        conn.execute("BEGIN IMMEDIATE")
+        for op in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                op.result = op.apply(conn)
+                op.error = None
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(str(exc))
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
