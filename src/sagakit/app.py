@@ -40,7 +40,8 @@ class App:
     """A sagakit application: where sagas are stored, which definitions exist, who runs them.
 
     Args:
-        url: ``sqlite:///path.db`` (default ``sqlite:///sagakit.db``) or a file path.
+        url: ``sqlite:///path.db`` (default ``sqlite:///sagakit.db``), a file path, or
+            ``postgresql://user@host/db[?schema=name]`` for many workers on one database.
         durability: ``"full"`` fsyncs every commit (default); ``"normal"`` survives a crash of
             the process but not of the machine.
         worker: True to execute sagas in this process (the database's worker lock is taken;
@@ -52,6 +53,9 @@ class App:
         max_recoveries: a saga taken over from dead workers more often than this is parked
             in ``needs_attention`` instead of being run again.
         thread_pool_size: threads for synchronous step functions.
+        pool_size: PostgreSQL only: connections in the pool.
+        lease: PostgreSQL only: seconds a worker keeps its sagas without a heartbeat; after
+            that (or at once, if its database connection is gone) others take them over.
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class App:
         poll_interval: float = 1.0,
         max_recoveries: int = 5,
         thread_pool_size: int = 32,
+        pool_size: int = 10,
+        lease: float = 10.0,
     ) -> None:
-        self.store = open_store(url, durability=durability)
+        self.store = open_store(url, durability=durability, pool_size=pool_size, lease=lease)
         self._want_worker = worker
         self._settings = RunnerSettings(
             max_concurrency=max_concurrency,

@@ -30,7 +30,7 @@ from sagakit.app import App
 from sagakit.errors import PayloadError, SagakitError
 from sagakit.handle import SagaInfo
 from sagakit.journal import ACTIVE, Entry, SagaState
-from sagakit.store import DEFAULT_URL
+from sagakit.store import DEFAULT_URL, SqliteStore
 from sagakit.timeline import TimelineRow, timeline
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def run(coro: Coroutine[Any, Any, T], *, cleanup: Callable[[], None] | None = No
 def reader(url: str) -> App:
     """An App that only reads ``url``; exits with a message if the database does not exist."""
     app = App(url, worker=False)
-    if not os.path.exists(app.store.path):
+    if isinstance(app.store, SqliteStore) and not os.path.exists(app.store.path):
         fail(
             f"no database at {app.store.path}; run `sagakit migrate --db {url}` to create one "
             "or `sagakit demo` to fill one"

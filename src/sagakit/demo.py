@@ -36,7 +36,7 @@ from sagakit.examples import order_fulfillment as example
 from sagakit.handle import SagaInfo
 from sagakit.journal import TERMINAL, Kind, SagaState, project
 from sagakit.ledger import Ledger, LedgerReport
-from sagakit.store import DEFAULT_URL, open_store
+from sagakit.store import DEFAULT_URL, SqliteStore, open_store, sqlite_store
 
 WORKER_APP = "sagakit.examples.order_fulfillment:app"
 SETTLED = (*TERMINAL, SagaState.NEEDS_ATTENTION)
@@ -82,7 +82,7 @@ class DemoConfig:
     @property
     def db_path(self) -> Path:
         """sagakit's database file, absolute."""
-        return Path(open_store(self.url).path).resolve()
+        return Path(sqlite_store(open_store(self.url), "sagakit demo").path).resolve()
 
     @property
     def ledger(self) -> Path:
@@ -237,7 +237,7 @@ async def prepare(config: DemoConfig) -> None:
     db, ledger = config.db_path, config.ledger
     if not db.parent.is_dir():
         raise DemoError(f"cannot create {db}: the directory {db.parent} does not exist")
-    store = open_store(f"sqlite:///{db}")
+    store = SqliteStore(str(db))
     store.acquire_ownership()  # DatabaseOwned if a worker runs on it
     store.release_ownership()
     if db.exists() and not ledger.exists():

@@ -435,7 +435,7 @@ def test_bad_durability_is_a_configuration_error(db_url: str) -> None:
     assert not db_path(db_url).exists()
 
 
-@pytest.mark.parametrize("url", ["postgresql://x/y", "sqlite://", "mysql://db/x"])
+@pytest.mark.parametrize("url", ["postgresql://x/y?schema=bad-name", "sqlite://", "mysql://db/x"])
 def test_unsupported_url_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigurationError):
         App(url)

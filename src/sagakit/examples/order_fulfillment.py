@@ -36,6 +36,7 @@ from typing import Any
 
 from sagakit import App, ConfigurationError, RetryPolicy, Saga, StepContext, step
 from sagakit.ledger import Ledger, Outcome
+from sagakit.store import sqlite_store
 
 SAGA_TYPE = "OrderFulfillment"
 STEPS = ("reserve_inventory", "process_payment", "create_shipment", "send_confirmation")
@@ -367,7 +368,7 @@ def create_app(
         thread_pool_size=concurrency,
         poll_interval=0.2,
     )
-    journal = app.store.path
+    journal = sqlite_store(app.store, "the example's ledger").path
     ledger = Ledger(ledger_path or default_ledger_path(journal), journal_path=journal)
     app.register(order_saga(ledger, sim))
     return app

@@ -8,14 +8,16 @@ from sagakit.errors import ConfigurationError
 from sagakit.store.base import SagaRecord, Store
 from sagakit.store.sqlite import SqliteStore
 
-__all__ = ["SagaRecord", "SqliteStore", "Store", "open_store"]
+__all__ = ["SagaRecord", "SqliteStore", "Store", "open_store", "sqlite_store"]
 
 DEFAULT_URL = "sqlite:///sagakit.db"
 
 
-def open_store(url: str | None, *, durability: str = "full") -> SqliteStore:
-    """The store a database URL names: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``
-    or a plain file path."""
+def open_store(
+    url: str | None, *, durability: str = "full", pool_size: int = 10, lease: float = 10.0
+) -> Store:
+    """The store a database URL names: ``sqlite:///relative.db``, ``sqlite:////abs/path.db``,
+    a plain file path, or ``postgresql://user@host:port/db[?schema=name]``."""
     url = url or DEFAULT_URL
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
@@ -25,7 +27,17 @@ def open_store(url: str | None, *, durability: str = "full") -> SqliteStore:
         return SqliteStore(path, durability=durability)
     if parsed.scheme == "":
         return SqliteStore(url, durability=durability)
+    if parsed.scheme in ("postgresql", "postgres"):
+        from sagakit.store.postgres import PostgresStore
+
+        return PostgresStore(url, pool_size=pool_size, lease=lease)
     raise ConfigurationError(
-        f"unsupported database URL {url!r}: use sqlite:///path.db "
-        "(PostgreSQL support is planned: postgresql://...)"
+        f"unsupported database URL {url!r}: use sqlite:///path.db or postgresql://host/db"
     )
+
+
+def sqlite_store(store: Store, purpose: str) -> SqliteStore:
+    """``store`` as a SqliteStore, or a ConfigurationError saying ``purpose`` needs SQLite."""
+    if not isinstance(store, SqliteStore):
+        raise ConfigurationError(f"{purpose} works on a SQLite database, not {store.location}")
+    return store

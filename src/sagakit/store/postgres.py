@@ -1,0 +1,268 @@
+"""The PostgreSQL store: many worker processes on many machines share one database.
+
+Workers own sagas through leases: each worker has a row in ``sagakit_workers`` that its
+heartbeat renews, and every saga it runs names it as ``owner``. A worker claims sagas with no
+live owner (``FOR UPDATE SKIP LOCKED``); every journal write checks, in its own statement, that
+the writer still owns the saga, so a worker that was paused past its lease cannot write over
+the one that took over. New sagas, retries and released sagas wake workers through
+``LISTEN/NOTIFY``; polling is the fallback.
+
+URL: ``postgresql://user@host:port/database``; add ``?schema=name`` to keep sagakit's tables
+in their own schema (created if missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sagakit.errors import ConfigurationError, SagaNotFound, SchemaTooNew, StoreError
+from sagakit.journal import Entry, SagaState
+from sagakit.store import postgres_sql as sql
+from sagakit.store import rows
+from sagakit.store.base import Claimed, Decide, SagaRecord, new_worker_id
+from sagakit.store.postgres_errors import translate
+from sagakit.store.postgres_writer import Op, PgWriter, append_args
+from sagakit.store.sqlite import migrations
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger("sagakit.store")
+T = TypeVar("T")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "public")
+    if not schema.replace("_", "").isalnum():
+        raise ConfigurationError(f"schema {schema!r} must be letters, digits and underscores")
+    return urlunsplit(parts._replace(query=urlencode(query))), schema
+
+
+class PostgresStore:
+    """PostgreSQL store over an asyncpg pool. ``lease`` is the seconds a worker keeps its
+    sagas without a heartbeat; it beats every third of that."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, lease: float = 10.0) -> None:
+        try:
+            import asyncpg  # noqa: F401 - fail early with a clear message
+        except ImportError as exc:
+            raise ConfigurationError(
+                "PostgreSQL needs the asyncpg driver: pip install 'sagakit[postgres]'"
+            ) from exc
+        self._dsn, self.schema = _split_url(url)
+        self.location = urlunsplit(urlsplit(url)._replace(netloc=urlsplit(url).hostname or ""))
+        self.worker_id = new_worker_id()
+        self.lease = lease
+        self._pool_size = pool_size
+        self._channel = f"sagakit_wake_{self.schema}"
+        self._pool: asyncpg.Pool | None = None
+        self._owner: str | None = None
+        self._writer = PgWriter(self._execute, lambda: self._owner)
+        self._beat_task: asyncio.Task[None] | None = None
+        self._wake: Callable[[], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        import asyncpg
+
+        settings = {"search_path": self.schema, "application_name": "sagakit"}
+        async with translate(self.location):
+            await self._migrate(await asyncpg.connect(self._dsn))
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, server_settings=settings
+            )
+        self._writer.start()
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        available = migrations("postgres")
+        latest = available[-1][0]
+        try:
+            async with conn.transaction():
+                # Concurrent first starts of many workers migrate once, one after the other.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._channel)
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS sagakit_schema (version integer NOT NULL)"
+                )
+                current = await conn.fetchval(
+                    "SELECT coalesce(max(version), 0) FROM sagakit_schema"
+                )
+                if current > latest:
+                    raise SchemaTooNew(self.location, current, latest)
+                for number, text in available:
+                    if number > current:
+                        await conn.execute(text)
+                        await conn.execute("INSERT INTO sagakit_schema VALUES ($1)", number)
+        finally:
+            await conn.close()
+
+    async def schema_version(self) -> int:
+        return int(await self._fetchval("SELECT max(version) FROM sagakit_schema"))
+
+    async def close(self) -> None:
+        await self._writer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def start_worker(self, wake: Callable[[], None]) -> None:
+        self._owner, self._wake = self.worker_id, wake
+        self._beat_task = asyncio.create_task(self._heartbeat(), name="sagakit-pg-heartbeat")
+
+    async def stop_worker(self) -> None:
+        if self._beat_task is not None:
+            self._beat_task.cancel()
+            await asyncio.gather(self._beat_task, return_exceptions=True)
+            self._beat_task = None
+        await self._writer.stop()
+        owner, self._owner = self._owner, None
+        with contextlib.suppress(StoreError):  # unreachable: the lease expires on its own
+            await self._execute(sql.RELEASE_ALL, [owner])
+            await self._execute(sql.FORGET_WORKER, [owner])
+            await self._execute(sql.NOTIFY, [self._channel])
+        self._writer.start()
+
+    async def _heartbeat(self) -> None:
+        """Keep a connection that LISTENs for wake-ups and renews this worker's lease; on any
+        failure, reconnect with backoff (the lease covers short outages)."""
+        import asyncpg
+
+        backoff = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn, server_settings={"search_path": self.schema}
+                )
+                await conn.add_listener(self._channel, self._notified)
+                backoff = 0.1
+                while True:
+                    await conn.execute(sql.HEARTBEAT, self.worker_id, self.lease)
+                    if self._wake is not None:
+                        self._wake()  # catch up on anything sent while we were away
+                    await asyncio.sleep(self.lease / 3)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lost the database connection of worker %s (%s); reconnecting in "
+                            "%.1f s", self.worker_id, exc, backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.lease / 3)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 1.0)
+
+    def _notified(self, *_: Any) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is not open; use `async with App(...)` or await app.open()")
+        return self._pool
+
+    async def _execute(self, statement: str, args: Sequence[Any]) -> list[Any]:
+        async with translate(self.location):
+            return list(await self._require_pool().fetch(statement, *args))
+
+    async def _fetchval(self, statement: str, *args: Any) -> Any:
+        async with translate(self.location):
+            return await self._require_pool().fetchval(statement, *args)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def create(self, record: SagaRecord, first: Entry) -> tuple[SagaRecord, bool]:
+        fut: asyncio.Future[tuple[SagaRecord, bool]] = asyncio.get_running_loop().create_future()
+        self._writer.submit(Op(record.id, (first,), fut, record))
+        stored, created = await fut
+        if created and record.owner is None:
+            await self._execute(sql.NOTIFY, [self._channel])  # a worker should claim it
+        return stored, created
+
+    async def append(self, saga_id: str, entries: Sequence[Entry]) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writer.submit(Op(saga_id, entries, fut))
+        await fut
+
+    def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None:
+        self._writer.submit(Op(saga_id, entries, None))
+
+    async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:
+        pool = self._require_pool()
+        async with translate(self.location), pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(sql.GET_FOR_UPDATE, saga_id)
+            if row is None:
+                raise SagaNotFound(saga_id)
+            journal = [rows.entry(r) for r in await conn.fetch(sql.JOURNALS, [saga_id])]
+            entries = decide(rows.record(row), journal)
+            op = Op(saga_id, entries, None)
+            await conn.fetch(sql.APPEND, *append_args([op], None))
+            await conn.execute(sql.UNOWN, saga_id)
+            await conn.execute(sql.NOTIFY, self._channel)
+            updated = await conn.fetchrow(sql.GET, saga_id)
+        return rows.record(updated)
+
+    async def claim(self, limit: int) -> list[Claimed]:
+        if self._owner is None:
+            raise StoreError("claim() needs start_worker() first")
+        found = [rows.record(r) for r in await self._execute(sql.CLAIM, [self._owner, limit])]
+        if not found:
+            return []
+        found.sort(key=lambda r: (r.created_at, r.id))
+        journals: dict[str, list[Entry]] = {r.id: [] for r in found}
+        for row in await self._execute(sql.JOURNALS, [list(journals)]):
+            journals[row[0]].append(rows.entry(row))
+        return [Claimed(record=r, journal=journals[r.id]) for r in found]
+
+    async def release(self, saga_ids: Sequence[str]) -> None:
+        await self._execute(sql.RELEASE, [self._owner, list(saga_ids)])
+        await self._execute(sql.NOTIFY, [self._channel])
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def get(self, saga_id: str) -> SagaRecord | None:
+        found = await self._execute(sql.GET, [saga_id])
+        return rows.record(found[0]) if found else None
+
+    async def journal(self, saga_id: str) -> list[Entry]:
+        return [rows.entry(r) for r in await self._execute(sql.JOURNALS, [[saga_id]])]
+
+    async def list_sagas(
+        self,
+        *,
+        state: SagaState | None = None,
+        saga_type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SagaRecord]:
+        where, args = [], []
+        if state is not None:
+            args.append(SagaState(state).value)
+            where.append(f"state = ${len(args)}")
+        if saga_type is not None:
+            args.append(saga_type)
+            where.append(f"saga_type = ${len(args)}")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        n = len(args)
+        statement = (
+            f"SELECT {rows.SAGA_COLUMNS} FROM sagakit_sagas {clause} "
+            f"ORDER BY created_at DESC, id LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
+        return [rows.record(r) for r in await self._execute(statement, [*args, limit, offset])]
+
+    async def counts(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in await self._execute(sql.COUNTS, [])}
