@@ -114,6 +114,14 @@ class App:
             return None
         return versions.get(version if version is not None else max(versions))
 
+    def _caps(self) -> dict[str, tuple[int | None, int | None]]:
+        latest = (self.definition(t) for t in self._sagas)
+        return {
+            s.name: (s.max_in_flight, s.max_in_flight_per_worker)
+            for s in latest
+            if s is not None and s.capped
+        }
+
     @property
     def saga_types(self) -> list[str]:
         return sorted(self._sagas)
@@ -143,7 +151,7 @@ class App:
 
     async def _become_worker(self) -> None:
         executor = ThreadPoolExecutor(self._thread_pool_size, thread_name_prefix="sagakit-step")
-        runner = Runner(self.store, self.definition, self._settings, executor)
+        runner = Runner(self.store, self.definition, self._settings, executor, self._caps)
         try:
             await self.store.start_worker(runner.wake)
         except DatabaseOwned:
@@ -232,13 +240,17 @@ class App:
             deadline=None if limit is None else now + limit,
             created_at=now,
             updated_at=now,
-            owner=self.store.worker_id if self._runner is not None else None,
+            # A capped type starts through a claim, which counts it against its cap.
+            owner=self.store.worker_id if self._runner is not None and not saga.capped else None,
         )
         first = Entry(saga_id=record.id, index=0, kind=Kind.SAGA_STARTED, at=now, payload=payload,
                       data={"version": saga.version})  # fmt: skip
         stored, created = await self.store.create(record, first)
         if created and self._runner is not None:
-            self._runner.launch(stored, [first])
+            if saga.capped:
+                self._runner.wake()
+            else:
+                self._runner.launch(stored, [first])
         return SagaHandle(self, stored.id, created=created)
 
     def handle(self, saga_id: str) -> SagaHandle:

@@ -175,6 +175,9 @@ class Saga:
         version: recorded with each saga started.
         deadline: seconds after start past which no further step starts and the saga
             compensates.
+        max_in_flight: at most this many sagas of this type run at once across all workers
+            (PostgreSQL) or in the one executing process (SQLite); the rest wait, started.
+        max_in_flight_per_worker: at most this many at once in any one worker process.
     """
 
     name: str
@@ -182,6 +185,8 @@ class Saga:
     workflow: Workflow | None = None
     version: int = 1
     deadline: float | None = None
+    max_in_flight: int | None = None
+    max_in_flight_per_worker: int | None = None
     input_type: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +194,10 @@ class Saga:
             raise InvalidStep(str(self.name), "-", "the saga name must be a non-empty string")
         if (self.workflow is None) == (not self.steps):
             raise InvalidStep(self.name, "-", "give either steps=[...] or workflow=fn, not both")
+        for cap in ("max_in_flight", "max_in_flight_per_worker"):
+            value = getattr(self, cap)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidStep(self.name, "-", f"{cap} must be an int >= 1, got {value!r}")
         if self.deadline is not None and not self.deadline > 0:
             raise InvalidStep(self.name, "-", f"deadline must be > 0 seconds, got {self.deadline}")
         seen: set[str] = set()
@@ -205,6 +214,11 @@ class Saga:
             check_callable(self.name, "-", self.workflow, "workflow", 2)
             if self.input_type is None:
                 object.__setattr__(self, "input_type", _input_hint(self.workflow))
+
+    @property
+    def capped(self) -> bool:
+        """Whether sagas of this type run under a cap and so are started through a claim."""
+        return self.max_in_flight is not None or self.max_in_flight_per_worker is not None
 
     def run(self) -> Workflow:
         """The workflow function that executes this saga."""

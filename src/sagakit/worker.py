@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from sagakit.definition import Saga
 from sagakit.engine import SagaRun
 from sagakit.errors import ConfigurationError, FencedOut, PayloadError, StoreError
 from sagakit.journal import Entry, Kind, SagaState
-from sagakit.store.base import SagaRecord, Store
+from sagakit.store.base import SagaRecord, Store, TypeCap
 
 log = logging.getLogger("sagakit.worker")
 
@@ -52,6 +53,8 @@ _AT_REST = frozenset(
 )
 
 Resolve = Callable[[str, int], Saga | None]
+# The capped saga types: type -> (cluster-wide cap, per-worker cap)
+Caps = Callable[[], dict[str, tuple[int | None, int | None]]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +69,12 @@ class Runner:
     """Executes sagas as asyncio tasks, at most ``max_concurrency`` at a time."""
 
     def __init__(
-        self, store: Store, resolve: Resolve, settings: RunnerSettings, executor: Executor | None
+        self,
+        store: Store,
+        resolve: Resolve,
+        settings: RunnerSettings,
+        executor: Executor | None,
+        caps: Caps = dict,
     ) -> None:
         if settings.max_concurrency < 1:
             raise ConfigurationError(
@@ -76,7 +84,9 @@ class Runner:
         self.resolve = resolve
         self.settings = settings
         self.executor = executor
+        self.caps = caps
         self.tasks: dict[str, asyncio.Task[Outcome | None]] = {}
+        self._by_type: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._poller: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -91,6 +101,7 @@ class Runner:
         if task is None:
             task = asyncio.create_task(self._run(record, journal), name=f"saga-{record.id}")
             self.tasks[record.id] = task
+            self._by_type[record.saga_type] += 1
         return task
 
     async def _run(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
@@ -116,6 +127,9 @@ class Runner:
             return None
         finally:
             self.tasks.pop(record.id, None)
+            self._by_type[record.saga_type] -= 1
+            if record.saga_type in self.caps():
+                self.wake()  # room for another saga of a capped type
 
     async def _execute(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
         if journal is None:
@@ -169,12 +183,19 @@ class Runner:
             free = self.settings.max_concurrency - len(self.tasks)
             if free <= 0:
                 return launched
-            claimed = await self.store.claim(min(CLAIM_BATCH, free))
+            claimed = await self.store.claim(min(CLAIM_BATCH, free), self._type_caps())
             for c in claimed:
                 self.launch(c.record, c.journal)
             launched += len(claimed)
             if len(claimed) < min(CLAIM_BATCH, free):
                 return launched
+
+    def _type_caps(self) -> dict[str, TypeCap]:
+        caps = {}
+        for saga_type, (cluster, per_worker) in self.caps().items():
+            room = (per_worker or self.settings.max_concurrency) - self._by_type[saga_type]
+            caps[saga_type] = TypeCap(cluster=cluster, worker=max(room, 0))
+        return caps
 
     def _relaunch_orphans(self) -> int:
         due = [r for r, _ in self._orphans.values() if r.id not in self.tasks]

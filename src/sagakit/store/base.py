@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +40,16 @@ class Claimed:
 
     record: SagaRecord
     journal: list[Entry]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TypeCap:
+    """How many more sagas of one type a claim may take: at most ``worker`` (this worker's
+    room), and no more than keep the type's sagas in flight across all workers within
+    ``cluster`` (None: no cluster-wide cap)."""
+
+    cluster: int | None
+    worker: int
 
 
 # Given a saga's row and journal, the entries to append (or raise to append nothing).
@@ -98,8 +108,9 @@ class Store(Protocol):
         """
         ...
 
-    async def claim(self, limit: int) -> list[Claimed]:
-        """Take over up to ``limit`` active sagas that no live worker owns, oldest first."""
+    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
+        """Take over up to ``limit`` active sagas that no live worker owns, oldest first;
+        sagas of a type in ``caps`` only within its cap."""
         ...
 
     async def release(self, saga_ids: Sequence[str]) -> None:

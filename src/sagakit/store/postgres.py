@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -24,7 +24,7 @@ from sagakit.errors import ConfigurationError, SagaNotFound, SchemaTooNew, Store
 from sagakit.journal import Entry, SagaState
 from sagakit.store import postgres_sql as sql
 from sagakit.store import rows
-from sagakit.store.base import Claimed, Decide, SagaRecord, new_worker_id
+from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
 from sagakit.store.postgres_errors import translate
 from sagakit.store.postgres_writer import Op, PgWriter, append_args
 from sagakit.store.sqlite import migrations
@@ -245,10 +245,17 @@ class PostgresStore:
             updated = await conn.fetchrow(sql.GET, saga_id)
         return rows.record(updated)
 
-    async def claim(self, limit: int) -> list[Claimed]:
-        if self._owner is None:
+    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
+        owner = self._owner
+        if owner is None:
             raise StoreError("claim() needs start_worker() first")
-        found = [rows.record(r) for r in await self._execute(sql.CLAIM, [self._owner, limit])]
+        caps = caps or {}
+        if caps:
+            found = await self._claim_capped(owner, limit, caps)
+        else:
+            found = [
+                rows.record(r) for r in await self._execute(sql.CLAIM, [owner, limit, None, []])
+            ]
         if not found:
             return []
         found.sort(key=lambda r: (r.created_at, r.id))
@@ -256,6 +263,28 @@ class PostgresStore:
         for row in await self._execute(sql.JOURNALS, [list(journals)]):
             journals[row[0]].append(rows.entry(row))
         return [Claimed(record=r, journal=journals[r.id]) for r in found]
+
+    async def _claim_capped(
+        self, owner: str, limit: int, caps: Mapping[str, TypeCap]
+    ) -> list[SagaRecord]:
+        """Claim capped types one by one under a per-type advisory lock, so that workers
+        claiming at the same moment cannot together exceed a type's cluster-wide cap."""
+        found: list[SagaRecord] = []
+        pool = self._require_pool()
+        async with translate(self.location), pool.acquire() as conn, conn.transaction():
+            for saga_type, cap in sorted(caps.items()):
+                room = min(cap.worker, limit - len(found))
+                if cap.cluster is not None:
+                    await conn.execute(sql.TYPE_LOCK, f"sagakit:{self.schema}:{saga_type}")
+                    room = min(room, cap.cluster - await conn.fetchval(sql.IN_FLIGHT, saga_type))
+                if room > 0:
+                    taken = await conn.fetch(sql.CLAIM, owner, room, [saga_type], [])
+                    found += [rows.record(r) for r in taken]
+            rest = limit - len(found)
+            if rest > 0:
+                taken = await conn.fetch(sql.CLAIM, owner, rest, None, list(caps))
+                found += [rows.record(r) for r in taken]
+        return found
 
     async def release(self, saga_ids: Sequence[str]) -> None:
         await self._execute(sql.RELEASE, [self._owner, list(saga_ids)])

@@ -75,6 +75,8 @@ WITH dead AS (
     SELECT s.id FROM sagakit_sagas s
     WHERE s.{ACTIVE}
       AND s.owner IS DISTINCT FROM $1
+      AND ($3::text[] IS NULL OR s.saga_type = ANY($3::text[]))
+      AND NOT (s.saga_type = ANY($4::text[]))
       AND (s.owner IS NULL
            OR s.owner IN (SELECT id FROM dead)
            OR NOT EXISTS (SELECT 1 FROM sagakit_workers w WHERE w.id = s.owner))
@@ -87,6 +89,14 @@ SET owner = $1, recoveries = s.recoveries + (s.owner IS NOT NULL)::int
 FROM picked WHERE s.id = picked.id
 RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 """
+
+# Sagas of one type that live workers hold: the type's sagas in flight across the cluster.
+IN_FLIGHT: Final = f"""
+SELECT count(*) FROM sagakit_sagas s JOIN sagakit_workers w ON w.id = s.owner
+WHERE s.{ACTIVE} AND s.saga_type = $1 AND w.lease_until >= now()
+  AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid)
+"""
+TYPE_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext($1))"
 
 HEARTBEAT: Final = """
 INSERT INTO sagakit_workers (id, backend_pid, lease_until)

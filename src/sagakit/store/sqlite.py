@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Final, TypeVar
@@ -27,7 +27,7 @@ from sagakit.errors import (
 )
 from sagakit.journal import Entry, SagaState, row_changes
 from sagakit.store import rows
-from sagakit.store.base import Claimed, Decide, SagaRecord, new_worker_id
+from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
 from sagakit.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -96,6 +96,36 @@ def _journals(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, list[En
     ):
         found[row[0]].append(rows.entry(row))
     return found
+
+
+def _claim(
+    conn: sqlite3.Connection,
+    owner: str,
+    limit: int,
+    only: Sequence[str] | None,
+    without: Sequence[str],
+) -> list[SagaRecord]:
+    """Take up to ``limit`` active sagas not owned by ``owner``, of the types ``only`` (None:
+    any) and not of the types ``without``. Only one process executes the file, so a saga owned
+    by any other worker id was held by a process that has since died: taking it over is a
+    recovery."""
+    if limit <= 0:
+        return []
+    where, args = [], [owner, owner]
+    if only is not None:
+        where.append(f"AND saga_type IN ({','.join('?' * len(only))})")
+        args += only
+    if without:
+        where.append(f"AND saga_type NOT IN ({','.join('?' * len(without))})")
+        args += without
+    claimed = conn.execute(
+        "UPDATE sagakit_sagas SET owner = ?, recoveries = recoveries + (owner IS NOT NULL) "
+        f"WHERE id IN (SELECT id FROM sagakit_sagas WHERE {_ACTIVE} "
+        f"AND (owner IS NULL OR owner != ?) {' '.join(where)} ORDER BY created_at, id LIMIT ?) "
+        f"RETURNING {_COLS}",
+        [*args, limit],
+    ).fetchall()
+    return [rows.record(r) for r in claimed]
 
 
 class SqliteStore:
@@ -241,25 +271,29 @@ class SqliteStore:
 
         return await self._writer.submit(apply)
 
-    async def claim(self, limit: int) -> list[Claimed]:
+    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
         owner = self._owner
         if owner is None:
             raise StoreError("claim() needs start_worker() first")
+        caps = caps or {}
 
         def apply(conn: sqlite3.Connection) -> list[Claimed]:
-            # Only one process executes the file, so a saga owned by any other worker id was
-            # held by a process that has since died: taking it over is a recovery.
-            claimed = conn.execute(
-                "UPDATE sagakit_sagas SET owner = ?, "
-                "recoveries = recoveries + (owner IS NOT NULL) "
-                f"WHERE id IN (SELECT id FROM sagakit_sagas WHERE {_ACTIVE} "
-                "AND (owner IS NULL OR owner != ?) ORDER BY created_at, id LIMIT ?) "
-                f"RETURNING {_COLS}",
-                (owner, owner, limit),
-            ).fetchall()
-            records = sorted((rows.record(r) for r in claimed), key=lambda r: r.created_at)
-            journals = _journals(conn, [r.id for r in records]) if records else {}
-            return [Claimed(record=r, journal=journals[r.id]) for r in records]
+            found: list[SagaRecord] = []
+            for saga_type, cap in caps.items():
+                room = cap.worker
+                if cap.cluster is not None:
+                    owned = conn.execute(
+                        f"SELECT count(*) FROM sagakit_sagas WHERE {_ACTIVE} "
+                        "AND saga_type = ? AND owner = ?",
+                        (saga_type, owner),
+                    ).fetchone()[0]
+                    room = min(room, cap.cluster - owned)
+                if room > 0:
+                    found += _claim(conn, owner, min(room, limit - len(found)), [saga_type], ())
+            found += _claim(conn, owner, limit - len(found), None, list(caps))
+            found.sort(key=lambda r: (r.created_at, r.id))
+            journals = _journals(conn, [r.id for r in found]) if found else {}
+            return [Claimed(record=r, journal=journals[r.id]) for r in found]
 
         return await self._writer.submit(apply)
 
