@@ -111,6 +111,7 @@ class SagaRun:
         self._names: dict[str, int] = {}
         self._done: dict[int, _Done] = {}
         self._replay_only = False
+        self._unflushed = False
         self.results: dict[str, Any] = {}
 
     # -- journal -----------------------------------------------------------------------------
@@ -121,13 +122,27 @@ class SagaRun:
         return Entry(saga_id=self.saga_id, index=index, kind=kind, at=time.time(), **fields)
 
     async def _write(self, kind: Kind, **fields: Any) -> None:
+        """Append an entry and wait until it, and every entry queued before it, is durable."""
         entry = self._entry(kind, **fields)
         await self.store.append(self.saga_id, (entry,))
+        self._unflushed = False
         if entry.error is not None:
             self.error = entry.error
 
     def _write_soon(self, kind: Kind, **fields: Any) -> None:
+        """Queue an entry without waiting. The next ``_write`` commits it first; the engine
+        makes one before anything leaves the workflow (a step or compensation body runs, the
+        saga ends), so an outcome is always durable before the next effect."""
         self.store.append_soon(self.saga_id, (self._entry(kind, **fields),))
+        self._unflushed = True
+
+    async def _before_effect(self, kind: Kind, **fields: Any) -> None:
+        """Write the entry that precedes a step body: durably if earlier entries are still
+        queued (they commit with it), else without waiting."""
+        if self._unflushed:
+            await self._write(kind, **fields)
+        else:
+            self._write_soon(kind, **fields)
 
     # -- the whole saga ----------------------------------------------------------------------
 
@@ -232,7 +247,7 @@ class SagaRun:
         attempt = self._resume_attempts.pop(seq, 1)
         while True:
             self._check_deadline(name)
-            self._write_soon(Kind.STEP_STARTED, seq=seq, step=name, attempt=attempt)
+            await self._before_effect(Kind.STEP_STARTED, seq=seq, step=name, attempt=attempt)
             ctx = self._context(name, attempt, f"{self.saga_id}/{name}")
             try:
                 result = await self._call(action, ctx, (done.data,), done.timeout, policy)
@@ -250,8 +265,9 @@ class SagaRun:
                 err = error_info(exc)
                 await self._write(Kind.STEP_FAILED, seq=seq, step=name, attempt=attempt, error=err)
                 raise StepFailed(self.saga_id, name, attempt, err) from exc
-            await self._write(Kind.STEP_COMPLETED, seq=seq, step=name, attempt=attempt,
-                              payload=payload)  # fmt: skip
+            # Durable before the next step body runs or the saga ends: see _before_effect.
+            self._write_soon(Kind.STEP_COMPLETED, seq=seq, step=name, attempt=attempt,
+                             payload=payload)  # fmt: skip
             # Hand back the decoded copy, so the live run sees exactly what a replay will.
             return self._completed(done, decode(payload, _return_hint(action)))
 

@@ -6,9 +6,14 @@ idempotency key and attempt; an effect is applied only when its key is new, and 
 call gets the stored outcome back. The ledger then answers, independently of sagakit's own
 bookkeeping, whether anything happened twice or was left uncompensated.
 
-Each call also records whether sagakit's journal *already* held the outcome of that step when
-the body ran, read straight from sagakit's SQLite file (read-only; WAL mode lets a reader see
-every committed write). A step whose outcome was committed must never run again.
+Several worker processes share one ledger file (WAL mode, and a busy timeout for their
+concurrent writes). Every call is recorded with the wall-clock time it started; after the run,
+:meth:`Ledger.check` compares those times with the times of the outcome entries in sagakit's
+journal (the same machine's clock), whatever database sagakit uses. A call that started after
+its step's (or compensation's) outcome was written is a committed step run again, which must
+never happen. The outcome entry's time is taken just before its commit, so a call between the
+two counts too: it could only come from a worker the commit fences out, and then the entry
+would not be in the journal.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagakit.journal import SagaState
+from sagakit.journal import Entry, Kind, SagaState
 from sagakit.workflow import StepContext
 
 _SCHEMA = """
@@ -38,8 +43,7 @@ CREATE TABLE IF NOT EXISTS ledger_calls (
     operation TEXT NOT NULL,
     attempt INTEGER NOT NULL,
     at REAL NOT NULL,
-    pid INTEGER NOT NULL,
-    already_committed INTEGER
+    pid INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS ledger_effects (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,8 +80,8 @@ class LedgerReport:
         reruns: step bodies run again with the same (idempotency key, attempt): at-least-once
             execution after a crash, harmless because the service deduplicated them.
         applied_twice: (order, operation, count) for every effect applied more than once.
-        committed_reruns: calls made although sagakit's journal already held that step's (or
-            that compensation's) outcome.
+        committed_reruns: calls that started after sagakit's journal recorded that step's
+            outcome (completed or failed) or that compensation's completion.
         unbalanced: sagas whose effects do not match their final state (a failed saga with an
             effect left uncompensated, a completed saga missing an effect, ...).
     """
@@ -89,26 +93,34 @@ class LedgerReport:
     unbalanced: list[str]
 
 
+# The journal entries that commit an outcome, and whether they belong to a compensation.
+_OUTCOMES = {
+    Kind.STEP_COMPLETED: False,
+    Kind.STEP_FAILED: False,
+    Kind.COMPENSATION_COMPLETED: True,
+}
+_BUSY_TIMEOUT_MS = 30_000
+
+
 class Ledger:
-    """The services' database.
+    """The services' database, one SQLite file that many worker processes may share.
 
     Args:
         path: the ledger's SQLite file (created on first use).
-        journal_path: sagakit's SQLite file, read to record whether a step's outcome was
-            already committed when its body ran; None to skip that check.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, journal_path: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.journal_uri = None if journal_path is None else Path(journal_path).resolve().as_uri()
         self._ready = False
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: calls come from many threads, and processes get SIGKILLed.
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
         try:
+            # Other processes write too: wait for their locks instead of failing at once.
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA synchronous = NORMAL")  # survives a killed process
             if not self._ready:
                 with self._lock:
@@ -124,33 +136,30 @@ class Ledger:
         with self._connect():
             pass
 
-    def _committed(self, ctx: StepContext, compensation: bool) -> bool | None:
-        if self.journal_uri is None:
-            return None
-        kind = "compensation_completed" if compensation else "step_completed"
-        conn = sqlite3.connect(f"{self.journal_uri}?mode=ro", uri=True, timeout=30)
-        try:
-            row = conn.execute(
-                "SELECT 1 FROM sagakit_journal WHERE saga_id = ? AND kind = ? AND step = ?",
-                (ctx.saga_id, kind, ctx.step),
-            ).fetchone()
-        finally:
-            conn.close()
-        return row is not None
-
     def record_call(
         self, ctx: StepContext, *, order_id: str, operation: str, compensation: bool
     ) -> None:
-        """Record that a service received a call (before it does anything)."""
-        committed = self._committed(ctx, compensation)
+        """Record that a service received a call (before it does anything), and when."""
+        at = time.time()
         with self._connect() as conn:
             conn.execute(
                 "INSERT INTO ledger_calls (idempotency_key, saga_id, order_id, step, compensation,"
-                " operation, attempt, at, pid, already_committed)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " operation, attempt, at, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (ctx.idempotency_key, ctx.saga_id, order_id, ctx.step, compensation, operation,
-                 ctx.attempt, time.time(), os.getpid(), committed),
+                 ctx.attempt, at, os.getpid()),
             )  # fmt: skip
+
+    def calls(self) -> list[Call]:
+        """Every recorded call, in the order they were recorded."""
+        with self._connect() as conn:
+            found = conn.execute(
+                "SELECT saga_id, step, compensation, operation, attempt, at, pid"
+                " FROM ledger_calls ORDER BY id"
+            ).fetchall()
+        return [
+            Call(saga_id=s, step=st, compensation=bool(c), operation=o, attempt=a, at=at, pid=p)
+            for s, st, c, o, a, at, p in found
+        ]
 
     def apply_once(
         self,
@@ -188,12 +197,19 @@ class Ledger:
                 raise
         return outcome
 
-    def check(self, states: Mapping[str, SagaState], steps: Sequence[str]) -> LedgerReport:
-        """Check the ledger against the final saga states (saga id -> state).
+    def check(
+        self,
+        states: Mapping[str, SagaState],
+        steps: Sequence[str],
+        journals: Mapping[str, Sequence[Entry]],
+    ) -> LedgerReport:
+        """Check the ledger against the final saga states (saga id -> state) and journals
+        (saga id -> entries, as ``App.journal`` returns them).
 
         ``steps`` are the saga's step names, every one of which has a compensation: a
         completed saga must have all their effects and no compensation; a failed saga must
-        have a compensation for every effect it applied.
+        have a compensation for every effect it applied. No call may have started after the
+        journal recorded its outcome.
         """
         with self._connect() as conn:
             calls = conn.execute("SELECT count(*) FROM ledger_calls").fetchone()[0]
@@ -205,9 +221,6 @@ class Ledger:
                 "SELECT order_id, operation, count(*) FROM ledger_effects WHERE ok = 1"
                 " GROUP BY order_id, operation HAVING count(*) > 1 ORDER BY order_id"
             ).fetchall()
-            committed = conn.execute(
-                "SELECT count(*) FROM ledger_calls WHERE already_committed = 1"
-            ).fetchone()[0]
             applied = conn.execute(
                 "SELECT saga_id, step, compensation FROM ledger_effects WHERE ok = 1"
             ).fetchall()
@@ -215,9 +228,42 @@ class Ledger:
             calls=calls,
             reruns=reruns,
             applied_twice=[(o, op, n) for o, op, n in twice],
-            committed_reruns=committed,
+            committed_reruns=len(committed_reruns(self.calls(), journals)),
             unbalanced=_unbalanced(states, steps, applied),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Call:
+    """A service call as the ledger recorded it: ``at`` is when it started, ``pid`` which
+    process made it."""
+
+    saga_id: str
+    step: str
+    compensation: bool
+    operation: str
+    attempt: int
+    at: float
+    pid: int
+
+
+def committed_reruns(calls: Sequence[Call], journals: Mapping[str, Sequence[Entry]]) -> list[Call]:
+    """The calls that started after the journal had recorded their outcome: the first
+    ``step_completed``/``step_failed`` of their step, or ``compensation_completed`` of their
+    compensation. Journal and ledger times come from the same machine's clock."""
+    outcome_at: dict[tuple[str, str, bool], float] = {}
+    for saga_id, entries in journals.items():
+        for e in entries:
+            compensation = _OUTCOMES.get(e.kind)
+            if compensation is None or e.step is None:
+                continue
+            key = (saga_id, e.step, compensation)
+            outcome_at[key] = min(e.at, outcome_at.get(key, e.at))
+    return [
+        c
+        for c in calls
+        if c.at > outcome_at.get((c.saga_id, c.step, c.compensation), float("inf"))
+    ]
 
 
 def _unbalanced(

@@ -9,7 +9,8 @@ Four steps, each with the compensation that undoes it::
 
 The services run in-process but keep their own SQLite file (:class:`sagakit.ledger.Ledger`),
 deduplicated by the idempotency key sagakit hands every step: a step body re-run after a crash
-gets the stored result back instead of charging the card twice. Payments are declined and
+gets the stored result back instead of charging the card twice. The ledger works whatever
+database sagakit uses, and several worker processes (of one machine) may share it. Payments are declined and
 shipments fail at configurable rates (business failures: no retry, the saga compensates); the
 payment gateway sometimes times out on a first attempt (retried). Each order's fate is drawn
 from ``random.Random(order_id)``, so a step re-run after a crash takes the same decision.
@@ -19,6 +20,9 @@ Run it::
     python examples/order_fulfillment.py                         # 20 orders, in process
     sagakit demo                                                 # 200 orders, a worker killed
     sagakit worker --app sagakit.examples.order_fulfillment:app  # settings from SAGAKIT_DEMO_*
+
+Several workers on PostgreSQL: give each the same ``SAGAKIT_DEMO_DB=postgresql://...`` and
+``SAGAKIT_DEMO_LEDGER=/path/ledger.db``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 from sagakit import App, ConfigurationError, RetryPolicy, Saga, StepContext, step
 from sagakit.ledger import Ledger, Outcome
-from sagakit.store import sqlite_store
+from sagakit.store import SqliteStore
 
 SAGA_TYPE = "OrderFulfillment"
 STEPS = ("reserve_inventory", "process_payment", "create_shipment", "send_confirmation")
@@ -332,6 +336,13 @@ def default_ledger_path(db_path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.stem}-ledger.db")
 
 
+def _ledger_path(app: App) -> Path:
+    # A SQLite database has a file to sit next to; any other keeps it in the current directory.
+    if isinstance(app.store, SqliteStore):
+        return default_ledger_path(app.store.path)
+    return Path("sagakit-ledger.db").resolve()
+
+
 def create_app(
     url: str | None = None,
     *,
@@ -342,18 +353,24 @@ def create_app(
     latency: float = 0.0,
     concurrency: int = 32,
     worker: bool | None = None,
+    lease: float = 10.0,
+    poll_interval: float = 0.2,
 ) -> App:
     """An App with the OrderFulfillment saga registered.
 
     Args:
-        url: sagakit's database (default ``sqlite:///sagakit.db``).
-        ledger_path: the services' ledger file (default: next to the database).
+        url: sagakit's database (default ``sqlite:///sagakit.db``), SQLite or PostgreSQL.
+        ledger_path: the services' ledger file (default: next to a SQLite database, else
+            ``sagakit-ledger.db`` in the current directory). Workers that share a database
+            must share the ledger too.
         decline_rate: share of orders whose payment is declined.
         shipment_failure_rate: share of orders no carrier accepts.
         glitch_rate: share of orders whose first payment attempt times out (retried).
         latency: seconds each service call takes at most (drawn at random).
         concurrency: sagas (and step threads) run at once.
         worker: passed to :class:`sagakit.App`; False to only start and read sagas.
+        lease: PostgreSQL only: seconds a worker keeps its sagas without a heartbeat.
+        poll_interval: seconds between looks for sagas to claim.
     """
     sim = Simulation(
         decline_rate=decline_rate,
@@ -366,10 +383,10 @@ def create_app(
         worker=worker,
         max_concurrency=concurrency,
         thread_pool_size=concurrency,
-        poll_interval=0.2,
+        poll_interval=poll_interval,
+        lease=lease,
     )
-    journal = sqlite_store(app.store, "the example's ledger").path
-    ledger = Ledger(ledger_path or default_ledger_path(journal), journal_path=journal)
+    ledger = Ledger(ledger_path or _ledger_path(app))
     app.register(order_saga(ledger, sim))
     return app
 
@@ -384,6 +401,8 @@ ENV_VARS = {
     "glitch_rate": "SAGAKIT_DEMO_GLITCH_RATE",
     "latency": "SAGAKIT_DEMO_LATENCY",
     "concurrency": "SAGAKIT_DEMO_CONCURRENCY",
+    "lease": "SAGAKIT_DEMO_LEASE",
+    "poll_interval": "SAGAKIT_DEMO_POLL_INTERVAL",
 }
 _PARSERS: dict[str, Callable[[str], object]] = {
     "ledger_path": str,
@@ -392,6 +411,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "glitch_rate": float,
     "latency": float,
     "concurrency": int,
+    "lease": float,
+    "poll_interval": float,
 }
 
 

@@ -15,7 +15,7 @@ CREATE TABLE sagakit_sagas (
     updated_at      double precision NOT NULL,
     owner           text,
     recoveries      integer NOT NULL DEFAULT 0
-);
+) WITH (fillfactor = 70);  -- room for HOT updates: a step changes no indexed column
 CREATE INDEX sagakit_sagas_active ON sagakit_sagas (created_at, id)
     WHERE state IN ('started', 'running', 'compensating');
 CREATE INDEX sagakit_sagas_state ON sagakit_sagas (state, created_at);
