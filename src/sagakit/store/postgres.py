@@ -121,6 +121,10 @@ class PostgresStore:
         return int(await self._fetchval("SELECT max(version) FROM sagakit_schema"))
 
     async def close(self) -> None:
+        if self._beat_task is not None:  # a worker closed without stop_worker: stop beating
+            self._beat_task.cancel()
+            await asyncio.gather(self._beat_task, return_exceptions=True)
+            self._beat_task = None
         await self._writer.stop()
         await self._drop_writer_conn()
         if self._pool is not None:
@@ -215,6 +219,7 @@ class PostgresStore:
     # -- writing -----------------------------------------------------------------------------
 
     async def create(self, record: SagaRecord, first: Entry) -> tuple[SagaRecord, bool]:
+        self._require_pool()
         fut: asyncio.Future[tuple[SagaRecord, bool]] = asyncio.get_running_loop().create_future()
         self._writer.submit(Op(record.id, (first,), fut, record))
         stored, created = await fut
@@ -223,11 +228,13 @@ class PostgresStore:
         return stored, created
 
     async def append(self, saga_id: str, entries: Sequence[Entry]) -> None:
+        self._require_pool()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._writer.submit(Op(saga_id, entries, fut))
         await fut
 
     def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None:
+        self._require_pool()
         self._writer.submit(Op(saga_id, entries, None))
 
     async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:

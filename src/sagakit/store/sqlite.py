@@ -146,6 +146,7 @@ class SqliteStore:
         self._reader_conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._owner: str | None = None  # set while this store is the executing worker
+        self._opened = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -161,10 +162,11 @@ class SqliteStore:
 
     async def open(self) -> None:
         """Create or migrate the database and start the writer thread."""
-        if self._writer.running:
+        if self._opened:
             return
-        await self._read(self._migrate)
+        await self._read(self._migrate, opening=True)
         self._writer.start(asyncio.get_running_loop())
+        self._opened = True
 
     def _schema_version(self, conn: sqlite3.Connection) -> int:
         exists = conn.execute(
@@ -203,15 +205,17 @@ class SqliteStore:
         return await self._read(self._schema_version)
 
     async def close(self) -> None:
-        """Commit everything queued, then stop the threads."""
+        """Commit everything queued, then stop the threads. Closing twice, or closing a
+        store that never opened, does nothing more."""
+        self._opened = False
         await self._writer.stop()
-        await self._read(self._close_reader)
-        self._reader.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self.release_ownership()
 
-    def _close_reader(self, conn: sqlite3.Connection) -> None:
-        conn.close()
-        self._reader_conn = None
+    def _close_reader(self) -> None:
+        if self._reader_conn is not None:
+            self._reader_conn.close()
+            self._reader_conn = None
 
     def acquire_ownership(self) -> None:
         """Take the file lock that makes this process the one executing the sagas."""
@@ -310,7 +314,9 @@ class SqliteStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T], *, opening: bool = False) -> T:
+        if not (self._opened or opening):
+            raise StoreError("the store is not open; use `async with App(...)` or await app.open()")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, self._in_reader, fn)
 

@@ -164,6 +164,9 @@ class GroupCommitWriter:
                 op.error = None
             except Exception as exc:
                 conn.execute("ROLLBACK TO op")
-                op.error = exc if not isinstance(exc, sqlite3.Error) else StoreError(str(exc))
+                op.error = exc
+                if isinstance(exc, sqlite3.Error):
+                    op.error = StoreError(f"writing to {self._location} failed: {exc}")
+                    op.error.__cause__ = exc
             conn.execute("RELEASE op")
         conn.execute("COMMIT")
