@@ -81,7 +81,13 @@ class PostgresStore:
             return
         import asyncpg
 
-        settings = {"search_path": self.schema, "application_name": "sagakit"}
+        # Generic plans: sagakit's statements take arrays whose sizes vary from batch to batch,
+        # and re-planning them for every batch costs more than running them.
+        settings = {
+            "search_path": self.schema,
+            "application_name": "sagakit",
+            "plan_cache_mode": "force_generic_plan",
+        }
         async with translate(self.location):
             await self._migrate(await asyncpg.connect(self._dsn))
             self._pool = await asyncpg.create_pool(
