@@ -34,7 +34,7 @@ from sagakit.codec import decode
 from sagakit.errors import DemoError
 from sagakit.examples import order_fulfillment as example
 from sagakit.handle import SagaInfo
-from sagakit.journal import TERMINAL, Kind, SagaState, project
+from sagakit.journal import TERMINAL, Entry, Kind, SagaState, project
 from sagakit.ledger import Ledger, LedgerReport
 from sagakit.store import DEFAULT_URL, SqliteStore, open_store, sqlite_store
 
@@ -299,36 +299,77 @@ async def drive(app: App, worker: WorkerProcess, config: DemoConfig, observer: O
     return kills
 
 
-async def collect(app: App, config: DemoConfig, kills: int, elapsed: float) -> DemoReport:
-    """Read every saga and its journal, and check them against the ledger."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Audit:
+    """Every saga of a database checked against its journal and the services' ledger.
+
+    Attributes:
+        states: saga id -> state.
+        failed_at: step where failed sagas failed -> how many.
+        ledger: the ledger's verdict.
+        mismatches: ids of sagas whose row is not the projection of their journal.
+        gaps: ids of sagas whose journal lost an entry (its indexes are not 0, 1, 2, ...).
+        journals: saga id -> journal entries.
+        example_failed: a failed saga worth a look with `sagakit show`.
+    """
+
+    states: dict[str, SagaState]
+    failed_at: dict[str, int]
+    ledger: LedgerReport
+    mismatches: list[str]
+    gaps: list[str]
+    journals: dict[str, list[Entry]]
+    example_failed: str | None
+
+
+async def audit(app: App, ledger: Ledger, steps: Sequence[str] = example.STEPS) -> Audit:
+    """Read every saga of ``app``'s database and its journal, and check them against
+    ``ledger`` (any backend: the ledger compares times, it does not read the database)."""
     infos: list[SagaInfo] = []
     while batch := await app.list(limit=500, offset=len(infos)):
         infos.extend(batch)
     failed_at: Counter[str] = Counter()
     mismatches: list[str] = []
+    gaps: list[str] = []
     examples: dict[str, str] = {}
+    journals: dict[str, list[Entry]] = {}
     for info in infos:
-        entries = await app.journal(info.id)
+        entries = journals[info.id] = await app.journal(info.id)
         p = project(entries)
         row = (info.state, info.current_step, info.output, info.error)
         if row != (p.state, p.current_step, decode(p.output), p.error):
             mismatches.append(info.id)
+        if [e.index for e in entries] != list(range(len(entries))):
+            gaps.append(info.id)
         if info.state is SagaState.FAILED:
             step = next((str(e.step) for e in entries if e.kind is Kind.STEP_FAILED), "other")
             failed_at[step] += 1
             examples.setdefault(step, info.id)
     states = {i.id: i.state for i in infos}
-    ledger = Ledger(config.ledger).check(states, example.STEPS)
-    return DemoReport(
-        orders=config.orders,
-        states=dict(Counter(states.values())),
+    return Audit(
+        states=states,
         failed_at=dict(failed_at),
-        kills=kills,
-        ledger=ledger,
+        ledger=ledger.check(states, steps, journals),
         mismatches=mismatches,
-        elapsed=elapsed,
+        gaps=gaps,
+        journals=journals,
         # A saga that failed late shows the most compensations in `sagakit show`.
         example_failed=examples.get("create_shipment") or next(iter(examples.values()), None),
+    )
+
+
+async def collect(app: App, config: DemoConfig, kills: int, elapsed: float) -> DemoReport:
+    """Read every saga and its journal, and check them against the ledger."""
+    found = await audit(app, Ledger(config.ledger))
+    return DemoReport(
+        orders=config.orders,
+        states=dict(Counter(found.states.values())),
+        failed_at=found.failed_at,
+        kills=kills,
+        ledger=found.ledger,
+        mismatches=found.mismatches,
+        elapsed=elapsed,
+        example_failed=found.example_failed,
     )
 
 

@@ -259,11 +259,8 @@ def committed_reruns(calls: Sequence[Call], journals: Mapping[str, Sequence[Entr
                 continue
             key = (saga_id, e.step, compensation)
             outcome_at[key] = min(e.at, outcome_at.get(key, e.at))
-    return [
-        c
-        for c in calls
-        if c.at > outcome_at.get((c.saga_id, c.step, c.compensation), float("inf"))
-    ]
+    never = float("inf")
+    return [c for c in calls if c.at > outcome_at.get((c.saga_id, c.step, c.compensation), never)]
 
 
 def _unbalanced(

@@ -10,10 +10,11 @@ Four steps, each with the compensation that undoes it::
 The services run in-process but keep their own SQLite file (:class:`sagakit.ledger.Ledger`),
 deduplicated by the idempotency key sagakit hands every step: a step body re-run after a crash
 gets the stored result back instead of charging the card twice. The ledger works whatever
-database sagakit uses, and several worker processes (of one machine) may share it. Payments are declined and
-shipments fail at configurable rates (business failures: no retry, the saga compensates); the
-payment gateway sometimes times out on a first attempt (retried). Each order's fate is drawn
-from ``random.Random(order_id)``, so a step re-run after a crash takes the same decision.
+database sagakit uses, and the worker processes of one machine may share it. Payments are
+declined and shipments fail at configurable rates (business failures: no retry, the saga
+compensates); the payment gateway sometimes times out on a first attempt (retried). Each
+order's fate is drawn from ``random.Random(order_id)``, so a step re-run after a crash takes
+the same decision.
 
 Run it::
 
