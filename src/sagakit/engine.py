@@ -34,6 +34,7 @@ from sagakit.errors import (
     SagaDeadlineExceeded,
     StepFailed,
     StepTimedOut,
+    StoreError,
 )
 from sagakit.journal import Entry, Kind, SagaState, project
 from sagakit.store.base import Store
@@ -112,6 +113,7 @@ class SagaRun:
         self._done: dict[int, _Done] = {}
         self._replay_only = False
         self._unflushed = False
+        self._broken: StoreError | None = None
         self.results: dict[str, Any] = {}
 
     # -- journal -----------------------------------------------------------------------------
@@ -124,7 +126,11 @@ class SagaRun:
     async def _write(self, kind: Kind, **fields: Any) -> None:
         """Append an entry and wait until it, and every entry queued before it, is durable."""
         entry = self._entry(kind, **fields)
-        await self.store.append(self.saga_id, (entry,))
+        try:
+            await self.store.append(self.saga_id, (entry,))
+        except StoreError as exc:
+            self._broken = exc
+            raise
         self._unflushed = False
         if entry.error is not None:
             self.error = entry.error
@@ -138,11 +144,19 @@ class SagaRun:
 
     async def _before_effect(self, kind: Kind, **fields: Any) -> None:
         """Write the entry that precedes a step body: durably if earlier entries are still
-        queued (they commit with it), else without waiting."""
-        if self._unflushed:
+        queued (they commit with it) or if this worker's lease may have lapsed (the durable
+        write is fenced), else without waiting."""
+        self._check_broken()
+        if self._unflushed or not self.store.lease_held():
             await self._write(kind, **fields)
         else:
             self._write_soon(kind, **fields)
+
+    def _check_broken(self) -> None:
+        """Once a write failed, the journal is the only truth: this run must not go on, even if
+        the workflow caught the error; the runner resumes the saga from its journal."""
+        if self._broken is not None:
+            raise self._broken
 
     # -- the whole saga ----------------------------------------------------------------------
 
@@ -153,11 +167,14 @@ class SagaRun:
         try:
             output = await self.saga.run()(ctx, self.data)
         except NonDeterminismError as exc:
+            self._check_broken()
             return await self._park(exc)
         except _ReplayExhausted:
             return await self._compensate(None)
         except Exception as exc:
+            self._check_broken()  # a store error is no business failure: do not compensate
             return await self._compensate(exc)
+        self._check_broken()
         if self._compensating:
             return await self._compensate(None)
         try:
@@ -184,6 +201,7 @@ class SagaRun:
 
     def record_value(self, name: str, make: Callable[[], T]) -> T:
         """Return the value recorded at this point of the journal, or make and record one."""
+        self._check_broken()
         seq, _ = self._next(f"ctx.{name}")
         rec = self._recorded.get(seq)
         if rec is not None:
@@ -209,6 +227,7 @@ class SagaRun:
         compensate_retry: RetryPolicy | None,
         timeout: float | None,
     ) -> Any:
+        self._check_broken()
         seq, name = self._next(name)
         done = _Done(
             seq=seq,

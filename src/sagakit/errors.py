@@ -28,6 +28,7 @@
     ├── DemoError                     `sagakit demo` could not run (files in use, worker died)
     ├── SagaDeadlineExceeded          the saga's deadline passed before a step could start
     ├── NonDeterminismError           a replay called a different step than the journal recorded
+    ├── RecoveryLimitExceeded         a saga was taken over from dead workers too often
     └── SagaFailed                    SagaHandle.result() of a saga that did not complete
 """
 
@@ -240,6 +241,16 @@ class NonDeterminismError(SagakitError):
             f"saga {saga_id} replayed {got} at position {seq} but its journal recorded "
             f"{expected}; the workflow code changed under a running saga or is not deterministic. "
             "Deploy the code the saga started with, then `sagakit retry`, or resolve it by hand"
+        )
+
+
+class RecoveryLimitExceeded(SagakitError):
+    def __init__(self, saga_id: str, recoveries: int) -> None:
+        self.saga_id, self.recoveries = saga_id, recoveries
+        super().__init__(
+            f"saga {saga_id} was taken over from a worker that died {recoveries} times in a row "
+            "without getting further; it may be what kills them. Inspect it with `sagakit show`, "
+            "then `sagakit retry` or `sagakit resolve` it"
         )
 
 

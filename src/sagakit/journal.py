@@ -186,6 +186,30 @@ def project(entries: Iterable[Entry]) -> Projection:
     return p
 
 
+# Entries that show a saga got past where a crash could have stopped it: after one, a saga's
+# count of takeovers from dead workers starts again from zero.
+PROGRESS = frozenset(
+    {
+        Kind.STEP_COMPLETED,
+        Kind.STEP_FAILED,
+        Kind.COMPENSATION_COMPLETED,
+        Kind.SAGA_COMPLETED,
+        Kind.SAGA_FAILED,
+    }
+)
+
+# A saga taken over from dead workers max_recoveries times in a row (the default here) without
+# getting further is a suspect: a worker runs at most one suspect at a time. A saga that kills
+# its workers is on every worker that dies because of it, so it is a suspect no later than
+# the sagas that merely shared a worker with it; from then on it dies alone, and only it goes
+# past the limit to be parked.
+SUSPECT_AFTER = 5
+
+
+def made_progress(entries: Iterable[Entry]) -> bool:
+    return any(e.kind in PROGRESS for e in entries)
+
+
 def row_changes(entries: Iterable[Entry]) -> dict[str, Any]:
     """The saga-row columns that appending ``entries`` changes: the projection at write time."""
     changes: dict[str, Any] = {}

@@ -23,13 +23,20 @@ from typing import Any
 from sagakit.codec import decode, error_info
 from sagakit.definition import Saga
 from sagakit.engine import SagaRun
-from sagakit.errors import ConfigurationError, FencedOut, PayloadError, StoreError
+from sagakit.errors import (
+    ConfigurationError,
+    FencedOut,
+    PayloadError,
+    RecoveryLimitExceeded,
+    StoreError,
+)
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.store.base import SagaRecord, Store, TypeCap
 
 log = logging.getLogger("sagakit.worker")
 
 CLAIM_BATCH = 200
+ADOPT_EVERY = 30  # polls between looks for sagas this worker owns but does not run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +99,8 @@ class Runner:
         self._wake = asyncio.Event()
         # Sagas this worker owns whose run stopped on a store error: id -> (record, attempts)
         self._orphans: dict[str, tuple[SagaRecord, int]] = {}
+        self._suspects: set[str] = set()  # see journal.SUSPECT_AFTER; at most one runs
+        self._adopt_due = False  # set when a claim's reply may have been lost
 
     def launch(
         self, record: SagaRecord, journal: list[Entry] | None = None
@@ -127,6 +136,7 @@ class Runner:
             return None
         finally:
             self.tasks.pop(record.id, None)
+            self._suspects.discard(record.id)
             self._by_type[record.saga_type] -= 1
             if record.saga_type in self.caps():
                 self.wake()  # room for another saga of a capped type
@@ -137,12 +147,7 @@ class Runner:
         if journal and journal[-1].kind in _AT_REST:
             return None  # a stale launch: it finished, or waits for an operator
         if record.recoveries > self.settings.max_recoveries:
-            reason = (
-                f"saga {record.id} was taken over from a worker that died "
-                f"{record.recoveries} times; it may be what kills them. Inspect it with "
-                "`sagakit show`, then `sagakit retry` or `sagakit resolve` it"
-            )
-            await self._park(record, journal, ConfigurationError(reason))
+            await self._park(record, journal, RecoveryLimitExceeded(record.id, record.recoveries))
             return None
         saga = self.resolve(record.saga_type, record.version)
         if saga is None:
@@ -177,18 +182,38 @@ class Runner:
         await self.store.append(record.id, (entry,))
 
     async def recover(self) -> int:
-        """Claim sagas no live worker owns and re-run orphans; return how many were launched."""
+        """Claim sagas no live worker owns, re-run orphans, adopt lost claims when due, and
+        take one suspect if none runs here; return how many sagas were launched."""
         launched = self._relaunch_orphans()
+        if self._adopt_due:
+            adopted = await self.store.adopt(list(self.tasks), CLAIM_BATCH)
+            self._adopt_due = False
+            for c in adopted:
+                self.launch(c.record, c.journal)
+            launched += len(adopted)
         while True:
             free = self.settings.max_concurrency - len(self.tasks)
             if free <= 0:
                 return launched
-            claimed = await self.store.claim(min(CLAIM_BATCH, free), self._type_caps())
+            claimed = await self.store.claim(
+                min(CLAIM_BATCH, free),
+                self._type_caps(),
+                suspect_after=self.settings.max_recoveries,
+            )
             for c in claimed:
                 self.launch(c.record, c.journal)
             launched += len(claimed)
             if len(claimed) < min(CLAIM_BATCH, free):
-                return launched
+                break
+        if not self._suspects and len(self.tasks) < self.settings.max_concurrency:
+            suspects = await self.store.claim(
+                1, self._type_caps(), suspects=True, suspect_after=self.settings.max_recoveries
+            )
+            for c in suspects:
+                self._suspects.add(c.record.id)
+                self.launch(c.record, c.journal)
+                launched += 1
+        return launched
 
     def _type_caps(self) -> dict[str, TypeCap]:
         caps = {}
@@ -211,16 +236,20 @@ class Runner:
         self._wake.set()
 
     async def _poll(self) -> None:
-        failures = 0
+        failures = polls = 0
         while True:
+            polls += 1
+            self._adopt_due = self._adopt_due or polls % ADOPT_EVERY == 0
             try:
                 await self.recover()
                 failures = 0
             except (StoreError, OSError) as exc:
                 failures += 1
+                self._adopt_due = True
                 log.warning("claiming sagas failed (%s); retrying", exc)
             except Exception:
                 failures += 1
+                self._adopt_due = True
                 log.exception("claiming sagas failed; retrying")
             self._wake.clear()
             wait = self.settings.poll_interval

@@ -961,22 +961,57 @@ async def test_pg_worker_whose_lease_expired_loses_its_sagas(pg_stores: Stores) 
     assert await rival.journal(r.id) == [first_entry(r)]
 
 
-async def test_pg_worker_whose_connection_died_is_dead_at_once(pg_stores: Stores) -> None:
+async def test_pg_worker_whose_connection_is_gone_for_good_is_dead_soon(
+    pg_stores: Stores,
+) -> None:
+    """A worker process that dies loses its connection and never registers another one: it is
+    dead within a fraction of a second, not after its 30 s lease."""
     victim = await pg_stores.worker(lease=30.0)
     r = await new_saga(victim, owner=victim.worker_id)
     pid = await wait_registered(pg_stores.url, victim.worker_id)
     rival = await pg_stores.worker()
     assert await rival.claim(10) == []
+    # What a SIGKILL does to the worker's side: the heartbeat (and its connection) end.
+    beat = victim._beat_task
+    assert beat is not None
+    beat.cancel()
+    await asyncio.gather(beat, return_exceptions=True)
     async with pg_conn(pg_stores.url) as conn:
-        assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await eventually(
+            lambda: _gone(conn, pid), timeout=2.0
+        )  # PostgreSQL noticed the closed connection
     started = time.monotonic()
-    (c,) = await eventually(lambda: rival.claim(10), timeout=2.0)
-    assert time.monotonic() - started < 2.0, "no need to wait for the 30 s lease"
+    (c,) = await eventually(lambda: rival.claim(10), timeout=3.0)
+    assert time.monotonic() - started < 3.0, "no need to wait for the 30 s lease"
     assert (c.record.id, c.record.owner, c.record.recoveries) == (r.id, rival.worker_id, 1)
     with pytest.raises(FencedOut):
         await victim.append(r.id, [Journal(r).new(Kind.STEP_STARTED, seq=0, step="a")])
     assert await rival.journal(r.id) == [first_entry(r)]
+
+
+async def _gone(conn: Any, pid: int) -> bool:
+    return not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+
+async def test_pg_worker_whose_connection_was_cut_reconnects_and_keeps_its_sagas(
+    pg_stores: Stores,
+) -> None:
+    """pg_terminate_backend of a live worker's connection is no death: it reconnects at once
+    and registers the new connection, so no other worker takes its sagas."""
+    victim = await pg_stores.worker(lease=30.0)
+    r = await new_saga(victim, owner=victim.worker_id)
+    pid = await wait_registered(pg_stores.url, victim.worker_id)
+    rival = await pg_stores.worker()
+    async with pg_conn(pg_stores.url) as conn:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(15):  # 1.5 s: three times the grace a gone connection gets
+            assert await rival.claim(10) == []
+            await asyncio.sleep(0.1)
+        new_pid = await conn.fetchval(
+            "SELECT backend_pid FROM sagakit_workers WHERE id = $1", victim.worker_id
+        )
+    assert new_pid not in (None, pid)
+    assert (await victim.get(r.id)).owner == victim.worker_id  # type: ignore[union-attr]
 
 
 async def test_pg_workers_are_woken_by_notify(pg_stores: Stores) -> None:

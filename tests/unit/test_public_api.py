@@ -26,6 +26,7 @@ PUBLIC_API = [
     "NonDeterminismError",
     "NotSerializable",
     "PayloadError",
+    "RecoveryLimitExceeded",
     "RetryPolicy",
     "Saga",
     "SagaDeadlineExceeded",

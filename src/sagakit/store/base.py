@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sagakit.journal import Entry, SagaState
+from sagakit.journal import SUSPECT_AFTER, Entry, SagaState
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SagaRecord:
     """A saga row: the projection of its journal, plus what it was started with and who
-    executes it (``owner``, a worker id; ``recoveries``, how often a worker that died held
-    it)."""
+    executes it: ``owner``, a worker id; ``recoveries``, how often in a row it was taken over
+    from a worker that died before it got further; ``takeovers``, how often in all."""
 
     id: str
     saga_type: str
@@ -32,6 +32,7 @@ class SagaRecord:
     updated_at: float
     owner: str | None = None
     recoveries: int = 0
+    takeovers: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +85,11 @@ class Store(Protocol):
         claim (a new saga, a retry, a worker that died)."""
         ...
 
+    def lease_held(self) -> bool:
+        """Whether this worker's lease is surely still valid (False when in doubt: the engine
+        then makes its next write durable, which the fence checks)."""
+        ...
+
     async def stop_worker(self) -> None:
         """Stop being a worker: commit what is queued and release the sagas still owned, so
         another worker can claim them at once."""
@@ -108,9 +114,23 @@ class Store(Protocol):
         """
         ...
 
-    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
+    async def claim(
+        self,
+        limit: int,
+        caps: Mapping[str, TypeCap] | None = None,
+        *,
+        suspects: bool = False,
+        suspect_after: int = SUSPECT_AFTER,
+    ) -> list[Claimed]:
         """Take over up to ``limit`` active sagas that no live worker owns, oldest first;
-        sagas of a type in ``caps`` only within its cap."""
+        sagas of a type in ``caps`` only within its cap. Only sagas that this claim leaves
+        taken over from dead workers fewer than ``suspect_after`` times in a row, or
+        (``suspects``) only the others."""
+        ...
+
+    async def adopt(self, running: Collection[str], limit: int) -> list[Claimed]:
+        """Active sagas this worker owns but does not run (``running``): claimed by a call
+        whose reply was lost, say."""
         ...
 
     async def release(self, saga_ids: Sequence[str]) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagakit.errors import ConfigurationError, SagaNotFound, SchemaTooNew, StoreError
-from sagakit.journal import Entry, SagaState
+from sagakit.journal import SUSPECT_AFTER, Entry, SagaState
 from sagakit.store import postgres_sql as sql
 from sagakit.store import rows
 from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sagakit.store")
 T = TypeVar("T")
+
+# Seconds a worker's registered connection may be gone before the worker counts as dead.
+DEAD_AFTER = 0.5
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -73,6 +77,7 @@ class PostgresStore:
         self._writer_conn: asyncpg.Connection | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._wake: Callable[[], None] | None = None
+        self._last_beat = -float("inf")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -138,8 +143,40 @@ class PostgresStore:
             self._pool = None
 
     async def start_worker(self, wake: Callable[[], None]) -> None:
+        """Register this worker (before it claims anything: a saga whose owner is not
+        registered counts as abandoned) and keep its lease and wake-ups alive."""
         self._owner, self._wake = self.worker_id, wake
-        self._beat_task = asyncio.create_task(self._heartbeat(), name="sagakit-pg-heartbeat")
+        listening = await self._listen()
+        self._beat_task = asyncio.create_task(
+            self._heartbeat(listening), name="sagakit-pg-heartbeat"
+        )
+
+    def lease_held(self) -> bool:
+        # A margin of a third of the lease covers the clock of the database and a slow beat.
+        return time.monotonic() - self._last_beat < self.lease * 2 / 3
+
+    async def _listen(self) -> tuple[asyncpg.Connection, asyncio.Event]:
+        """A connection that LISTENs for wake-ups, with this worker's lease renewed on it, and
+        an event set when the connection closes."""
+        import asyncpg
+
+        settings = {"search_path": self.schema, "application_name": "sagakit"}
+        closed = asyncio.Event()
+        async with translate(self.location):
+            conn = await asyncpg.connect(self._dsn, server_settings=settings)
+            try:
+                conn.add_termination_listener(lambda _: closed.set())
+                await conn.add_listener(self._channel, self._notified)
+                await self._beat(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn, closed
+
+    async def _beat(self, conn: asyncpg.Connection) -> None:
+        started = time.monotonic()
+        await conn.execute(sql.HEARTBEAT, self.worker_id, self.lease)
+        self._last_beat = started
 
     async def stop_worker(self) -> None:
         if self._beat_task is not None:
@@ -154,36 +191,35 @@ class PostgresStore:
             await self._execute(sql.NOTIFY, [self._channel])
         self._writer.start()
 
-    async def _heartbeat(self) -> None:
-        """Keep a connection that LISTENs for wake-ups and renews this worker's lease; on any
-        failure, reconnect with backoff (the lease covers short outages)."""
-        import asyncpg
-
-        backoff = 0.1
+    async def _heartbeat(self, listening: tuple[asyncpg.Connection, asyncio.Event] | None) -> None:
+        """Renew the lease every third of it on the listening connection. When that
+        connection closes (the database restarted, an operator cut it), reconnect at once and
+        then with backoff: until it is back, other workers may count this one as dead."""
+        backoff = 0.05
         while True:
-            conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self._dsn, server_settings={"search_path": self.schema}
-                )
-                await conn.add_listener(self._channel, self._notified)
-                backoff = 0.1
-                while True:
-                    await conn.execute(sql.HEARTBEAT, self.worker_id, self.lease)
+                if listening is None:
+                    listening = await self._listen()
                     if self._wake is not None:
                         self._wake()  # catch up on anything sent while we were away
-                    await asyncio.sleep(self.lease / 3)
+                    backoff = 0.05
+                conn, closed = listening
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closed.wait(), self.lease / 3)
+                    raise ConnectionError("the listening connection closed")
+                await self._beat(conn)
             except asyncio.CancelledError:
+                if listening is not None:
+                    listening[0].terminate()
                 raise
             except Exception as exc:
                 log.warning("lost the database connection of worker %s (%s); reconnecting in "
-                            "%.1f s", self.worker_id, exc, backoff)  # fmt: skip
+                            "%.2f s", self.worker_id, exc, backoff)  # fmt: skip
+                if listening is not None:
+                    listening[0].terminate()
+                    listening = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.lease / 3)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1.0)
 
     def _notified(self, *_: Any) -> None:
         if self._wake is not None:
@@ -205,17 +241,20 @@ class PostgresStore:
         the pool between batches, which saves a round trip per batch."""
         async with translate(self.location):
             try:
-                if self._writer_conn is None or self._writer_conn.is_closed():
+                if self._writer_conn is None:
                     self._writer_conn = await self._require_pool().acquire()
                 return list(await self._writer_conn.fetch(statement, *args))
             except BaseException:
-                await self._drop_writer_conn()
+                # Its state is unknown (a statement may still run on it): never reuse it.
+                await self._drop_writer_conn(broken=True)
                 raise
 
-    async def _drop_writer_conn(self) -> None:
+    async def _drop_writer_conn(self, *, broken: bool = False) -> None:
         conn, self._writer_conn = self._writer_conn, None
         if conn is not None and self._pool is not None:
             with contextlib.suppress(Exception):
+                if broken:
+                    conn.terminate()
                 await self._pool.release(conn, timeout=1.0)
 
     async def _fetchval(self, statement: str, *args: Any) -> Any:
@@ -258,17 +297,34 @@ class PostgresStore:
             updated = await conn.fetchrow(sql.GET, saga_id)
         return rows.record(updated)
 
-    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
+    async def claim(
+        self,
+        limit: int,
+        caps: Mapping[str, TypeCap] | None = None,
+        *,
+        suspects: bool = False,
+        suspect_after: int = SUSPECT_AFTER,
+    ) -> list[Claimed]:
         owner = self._owner
         if owner is None:
             raise StoreError("claim() needs start_worker() first")
         caps = caps or {}
+        ceiling = 2**31 - 1
+        bounds = [suspect_after, ceiling] if suspects else [0, suspect_after]
         if caps:
-            found = await self._claim_capped(owner, limit, caps)
+            found = await self._claim_capped(owner, limit, caps, bounds)
         else:
-            found = [
-                rows.record(r) for r in await self._execute(sql.CLAIM, [owner, limit, None, []])
-            ]
+            taken = await self._execute(sql.CLAIM, [owner, limit, None, [], *bounds, DEAD_AFTER])
+            found = [rows.record(r) for r in taken]
+        return await self._with_journals(found)
+
+    async def adopt(self, running: Collection[str], limit: int) -> list[Claimed]:
+        if self._owner is None:
+            return []
+        found = await self._execute(sql.ADOPT, [self._owner, list(running), limit])
+        return await self._with_journals([rows.record(r) for r in found])
+
+    async def _with_journals(self, found: list[SagaRecord]) -> list[Claimed]:
         if not found:
             return []
         found.sort(key=lambda r: (r.created_at, r.id))
@@ -278,7 +334,7 @@ class PostgresStore:
         return [Claimed(record=r, journal=journals[r.id]) for r in found]
 
     async def _claim_capped(
-        self, owner: str, limit: int, caps: Mapping[str, TypeCap]
+        self, owner: str, limit: int, caps: Mapping[str, TypeCap], bounds: list[int]
     ) -> list[SagaRecord]:
         """Claim capped types one by one under a per-type advisory lock, so that workers
         claiming at the same moment cannot together exceed a type's cluster-wide cap."""
@@ -289,13 +345,18 @@ class PostgresStore:
                 room = min(cap.worker, limit - len(found))
                 if cap.cluster is not None:
                     await conn.execute(sql.TYPE_LOCK, f"sagakit:{self.schema}:{saga_type}")
-                    room = min(room, cap.cluster - await conn.fetchval(sql.IN_FLIGHT, saga_type))
+                    flying = await conn.fetchval(sql.IN_FLIGHT, saga_type, DEAD_AFTER)
+                    room = min(room, cap.cluster - flying)
                 if room > 0:
-                    taken = await conn.fetch(sql.CLAIM, owner, room, [saga_type], [])
+                    taken = await conn.fetch(
+                        sql.CLAIM, owner, room, [saga_type], [], *bounds, DEAD_AFTER
+                    )
                     found += [rows.record(r) for r in taken]
             rest = limit - len(found)
             if rest > 0:
-                taken = await conn.fetch(sql.CLAIM, owner, rest, None, list(caps))
+                taken = await conn.fetch(
+                    sql.CLAIM, owner, rest, None, list(caps), *bounds, DEAD_AFTER
+                )
                 found += [rows.record(r) for r in taken]
         return found
 

@@ -16,6 +16,7 @@ def _unavailable(exc: BaseException) -> bool:
         OSError
         | TimeoutError
         | asyncpg.InterfaceError
+        | asyncpg.exceptions.InternalClientError  # a connection left mid-operation by a kill
         | asyncpg.PostgresConnectionError
         | asyncpg.exceptions.OperatorInterventionError  # admin shutdown, terminated backend
         | asyncpg.exceptions.CannotConnectNowError,

@@ -15,21 +15,23 @@ _ENTRIES: Final = (
 )
 
 # One statement appends the entries of many sagas and updates their rows, but only for the
-# sagas the worker ($20) still owns: the fence. It returns the ids that were written.
+# sagas the worker ($21) still owns: the fence. It returns the ids that were written.
 APPEND: Final = f"""
 WITH changes AS (
     SELECT * FROM unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                         $16::float8[], $17::bool[], $18::bool[], $19::bool[])
-        AS c(id, state, current_step, output, error, updated_at, set_step, set_output, set_error)
+                         $16::float8[], $17::bool[], $18::bool[], $19::bool[], $20::bool[])
+        AS c(id, state, current_step, output, error, updated_at, set_step, set_output, set_error,
+             progressed)
 ), fenced AS (
     UPDATE sagakit_sagas s SET
         state = COALESCE(c.state, s.state),
         current_step = CASE WHEN c.set_step THEN c.current_step ELSE s.current_step END,
         output = CASE WHEN c.set_output THEN c.output ELSE s.output END,
         error = CASE WHEN c.set_error THEN c.error ELSE s.error END,
-        updated_at = c.updated_at
+        updated_at = c.updated_at,
+        recoveries = CASE WHEN c.progressed THEN 0 ELSE s.recoveries END
     FROM changes c
-    WHERE s.id = c.id AND ($20::text IS NULL OR s.owner = $20::text)
+    WHERE s.id = c.id AND ($21::text IS NULL OR s.owner = $21::text)
     RETURNING s.id
 ), written AS (
     INSERT INTO sagakit_journal ({JOURNAL_COLUMNS})
@@ -42,7 +44,7 @@ CREATE: Final = f"""
 WITH proposed AS (
     SELECT * FROM unnest($11::text[], $12::text[], $13::int[], $14::text[], $15::text[],
                          $16::text[], $17::text[], $18::text[], $19::text[], $20::float8[],
-                         $21::float8[], $22::float8[], $23::text[], $24::int[])
+                         $21::float8[], $22::float8[], $23::text[], $24::int[], $25::int[])
         AS p({SAGA_COLUMNS})
 ), inserted AS (
     INSERT INTO sagakit_sagas ({SAGA_COLUMNS}) SELECT * FROM proposed
@@ -63,29 +65,42 @@ JOURNALS: Final = (
 )
 COUNTS: Final = "SELECT state, count(*) FROM sagakit_sagas GROUP BY state"
 
-# A worker is dead when its lease ran out, or when the connection it registered is gone
-# (PostgreSQL closes a killed process's connections at once, so takeover need not wait for the
-# lease). A paused worker keeps its connection: only its lease can expire.
+# A worker is dead when its lease ran out, or when the connection it registered has been gone
+# for $7 seconds: PostgreSQL closes a killed process's connections at once, so takeover need not
+# wait for the lease, while a worker whose connection was merely cut reconnects (and clears
+# suspected_at) well within the grace. A paused worker keeps its connection: only its lease
+# can expire. The first CTE marks workers whose connection is gone; it takes effect for the
+# next claim. Sagas that this claim would make suspects ($5 takeovers in a row without
+# progress) are claimed only when asked for ($5 <= count < $6).
+_LIVE: Final = (
+    "w.lease_until >= now() AND (w.suspected_at IS NULL "
+    "OR w.suspected_at >= now() - $7 * interval '1 second')"
+)
 CLAIM: Final = f"""
-WITH dead AS (
-    SELECT w.id FROM sagakit_workers w
-    WHERE w.lease_until < now()
-       OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid)
+WITH mark AS (
+    UPDATE sagakit_workers w SET suspected_at = now()
+    WHERE w.suspected_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid)
+    RETURNING w.id
+), live AS (
+    SELECT w.id FROM sagakit_workers w WHERE {_LIVE}
 ), picked AS (
     SELECT s.id FROM sagakit_sagas s
     WHERE s.{ACTIVE}
       AND s.owner IS DISTINCT FROM $1
       AND ($3::text[] IS NULL OR s.saga_type = ANY($3::text[]))
       AND NOT (s.saga_type = ANY($4::text[]))
-      AND (s.owner IS NULL
-           OR s.owner IN (SELECT id FROM dead)
-           OR NOT EXISTS (SELECT 1 FROM sagakit_workers w WHERE w.id = s.owner))
+      AND s.recoveries + (s.owner IS NOT NULL)::int >= $5
+      AND s.recoveries + (s.owner IS NOT NULL)::int < $6
+      AND (s.owner IS NULL OR s.owner NOT IN (SELECT id FROM live))
     ORDER BY s.created_at, s.id
     LIMIT $2
     FOR UPDATE OF s SKIP LOCKED
 )
 UPDATE sagakit_sagas s
-SET owner = $1, recoveries = s.recoveries + (s.owner IS NOT NULL)::int
+SET owner = $1,
+    recoveries = s.recoveries + (s.owner IS NOT NULL)::int,
+    takeovers = s.takeovers + (s.owner IS NOT NULL)::int
 FROM picked WHERE s.id = picked.id
 RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 """
@@ -93,16 +108,23 @@ RETURNING {", ".join("s." + c.strip() for c in SAGA_COLUMNS.split(","))}
 # Sagas of one type that live workers hold: the type's sagas in flight across the cluster.
 IN_FLIGHT: Final = f"""
 SELECT count(*) FROM sagakit_sagas s JOIN sagakit_workers w ON w.id = s.owner
-WHERE s.{ACTIVE} AND s.saga_type = $1 AND w.lease_until >= now()
-  AND EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid)
+WHERE s.{ACTIVE} AND s.saga_type = $1 AND {_LIVE.replace("$7", "$2")}
 """
 TYPE_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext($1))"
+
+# Active sagas this worker owns that it does not run (a claim whose reply was lost).
+ADOPT: Final = f"""
+SELECT {SAGA_COLUMNS} FROM sagakit_sagas
+WHERE owner = $1 AND {ACTIVE} AND NOT (id = ANY($2::text[]))
+ORDER BY created_at, id LIMIT $3
+"""
 
 HEARTBEAT: Final = """
 INSERT INTO sagakit_workers (id, backend_pid, lease_until)
 VALUES ($1, pg_backend_pid(), now() + $2 * interval '1 second')
 ON CONFLICT (id) DO UPDATE
-SET backend_pid = pg_backend_pid(), lease_until = now() + $2 * interval '1 second'
+SET backend_pid = pg_backend_pid(), lease_until = now() + $2 * interval '1 second',
+    suspected_at = NULL
 """
 RELEASE: Final = "UPDATE sagakit_sagas SET owner = NULL WHERE owner = $1 AND id = ANY($2)"
 RELEASE_ALL: Final = f"UPDATE sagakit_sagas SET owner = NULL WHERE owner = $1 AND {ACTIVE}"

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sagakit.errors import FencedOut, StoreUnavailable
-from sagakit.journal import Entry, row_changes
+from sagakit.journal import Entry, made_progress, row_changes
 from sagakit.store import postgres_sql as sql
 from sagakit.store import rows
 from sagakit.store.base import SagaRecord
@@ -62,6 +62,7 @@ def append_args(ops: Sequence[Op], owner: str | None) -> list[Any]:
         ["current_step" in c for _, c in changes],
         ["output" in c for _, c in changes],
         ["error" in c for _, c in changes],
+        [made_progress(by_saga[i]) for i, _ in changes],
         owner,
     ]
 
@@ -82,6 +83,7 @@ class PgWriter:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._failed: dict[str, BaseException] = {}
         self.lazy_delay = 0.005
 
     def start(self) -> None:
@@ -100,6 +102,15 @@ class PgWriter:
             self._closing = False
 
     def submit(self, op: Op) -> None:
+        """Queue ``op``. If an earlier queued (unwaited) write of the same saga failed, ``op``
+        fails with that error instead, so a saga's journal never has a hole that its writer
+        did not hear about; a waited-on write reports it, and the saga's writes go on."""
+        failed = self._failed.get(op.saga_id)
+        if failed is not None:
+            if op.future is not None:
+                del self._failed[op.saga_id]
+            self._settle(op, failed)
+            return
         self._pending.append(op)
         self._ready.set()
 
@@ -139,14 +150,28 @@ class PgWriter:
         try:
             results = await run(ops)
         except Exception as exc:
-            if len(ops) > 1 and not _is_connection_error(exc):
-                for op in ops:  # one bad op must not fail the others
-                    await self._guard([op], run)
+            sagas: dict[str, list[Op]] = {}
+            for op in ops:
+                sagas.setdefault(op.saga_id, []).append(op)
+            if len(sagas) > 1 and not _is_connection_error(exc):
+                for group in sagas.values():  # one bad saga must not fail the others
+                    await self._guard(group, run)
                 return
-            _settle_all(ops, exc)
+            for op in ops:
+                self._settle(op, exc)
             return
         for i, op in enumerate(ops):
-            _settle(op, results.get(i))
+            self._settle(op, results.get(i))
+
+    def _settle(self, op: Op, result: Any) -> None:
+        if isinstance(result, BaseException):
+            if op.future is None:
+                self._failed[op.saga_id] = result
+                log.warning("a queued journal write was refused: %s", result)
+            elif not op.future.done():
+                op.future.set_exception(result)
+        elif op.future is not None and not op.future.done():
+            op.future.set_result(result)
 
     async def _append(self, ops: list[Op]) -> dict[int, Any]:
         written = {r[0] for r in await self._execute(sql.APPEND, append_args(ops, self._owner()))}
@@ -172,21 +197,6 @@ class PgWriter:
             else:
                 results[i] = (existing[op.record.idempotency_key or ""], False)
         return results
-
-
-def _settle(op: Op, result: Any) -> None:
-    if isinstance(result, BaseException):
-        if op.future is None or op.future.done():
-            log.warning("a queued journal write was refused: %s", result)
-        else:
-            op.future.set_exception(result)
-    elif op.future is not None and not op.future.done():
-        op.future.set_result(result)
-
-
-def _settle_all(ops: list[Op], exc: BaseException) -> None:
-    for op in ops:
-        _settle(op, exc)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

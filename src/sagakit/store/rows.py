@@ -11,7 +11,7 @@ from sagakit.store.base import SagaRecord
 
 SAGA_COLUMNS: Final = (
     "id, saga_type, version, state, idempotency_key, input, output, error, current_step, "
-    "deadline, created_at, updated_at, owner, recoveries"
+    "deadline, created_at, updated_at, owner, recoveries, takeovers"
 )
 JOURNAL_COLUMNS: Final = "saga_id, idx, kind, at, seq, step, attempt, payload, error, data"
 ACTIVE_STATES: Final = ("started", "running", "compensating")
@@ -52,6 +52,7 @@ def saga_row(r: SagaRecord) -> tuple[Any, ...]:
         r.updated_at,
         r.owner,
         r.recoveries,
+        r.takeovers,
     )
 
 
@@ -71,6 +72,7 @@ def record(row: Sequence[Any]) -> SagaRecord:
         updated_at=row[11],
         owner=row[12],
         recoveries=row[13],
+        takeovers=row[14],
     )
 
 

@@ -12,10 +12,10 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from sagakit.errors import (
     ConfigurationError,
@@ -25,7 +25,7 @@ from sagakit.errors import (
     SchemaTooNew,
     StoreError,
 )
-from sagakit.journal import Entry, SagaState, row_changes
+from sagakit.journal import SUSPECT_AFTER, Entry, SagaState, made_progress, row_changes
 from sagakit.store import rows
 from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
 from sagakit.store.sqlite_writer import GroupCommitWriter
@@ -36,7 +36,9 @@ _COLS: Final = rows.SAGA_COLUMNS
 _INSERT_ENTRY: Final = (
     f"INSERT INTO sagakit_journal ({rows.JOURNAL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
-_ROW_COLUMNS: Final = frozenset({"state", "current_step", "output", "error", "updated_at"})
+_ROW_COLUMNS: Final = frozenset(
+    {"state", "current_step", "output", "error", "updated_at", "recoveries"}
+)
 _SYNC_MODES: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 _ACTIVE: Final = "state IN ('started', 'running', 'compensating')"
 
@@ -55,6 +57,8 @@ def _append(
     conn: sqlite3.Connection, saga_id: str, entries: Sequence[Entry], owner: str | None
 ) -> None:
     changes = row_changes(entries)
+    if made_progress(entries):
+        changes["recoveries"] = 0
     if "error" in changes:
         changes["error"] = json.dumps(changes["error"])
     cols = [c for c in changes if c in _ROW_COLUMNS]
@@ -73,7 +77,7 @@ def _append(
 
 def _create(conn: sqlite3.Connection, r: SagaRecord, first: Entry) -> tuple[SagaRecord, bool]:
     cur = conn.execute(
-        f"INSERT INTO sagakit_sagas ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        f"INSERT INTO sagakit_sagas ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (idempotency_key) DO NOTHING",
         rows.saga_row(r),
     )
@@ -104,6 +108,9 @@ def _claim(
     limit: int,
     only: Sequence[str] | None,
     without: Sequence[str],
+    *,
+    suspects: bool,
+    suspect_after: int,
 ) -> list[SagaRecord]:
     """Take up to ``limit`` active sagas not owned by ``owner``, of the types ``only`` (None:
     any) and not of the types ``without``. Only one process executes the file, so a saga owned
@@ -111,7 +118,9 @@ def _claim(
     recovery."""
     if limit <= 0:
         return []
-    where, args = [], [owner, owner]
+    # Counted as this claim leaves it: a takeover from another owner adds one.
+    where = [f"AND recoveries + (owner IS NOT NULL) {'>=' if suspects else '<'} ?"]
+    args: list[Any] = [owner, owner, suspect_after]
     if only is not None:
         where.append(f"AND saga_type IN ({','.join('?' * len(only))})")
         args += only
@@ -119,7 +128,8 @@ def _claim(
         where.append(f"AND saga_type NOT IN ({','.join('?' * len(without))})")
         args += without
     claimed = conn.execute(
-        "UPDATE sagakit_sagas SET owner = ?, recoveries = recoveries + (owner IS NOT NULL) "
+        "UPDATE sagakit_sagas SET owner = ?, recoveries = recoveries + (owner IS NOT NULL), "
+        "takeovers = takeovers + (owner IS NOT NULL) "
         f"WHERE id IN (SELECT id FROM sagakit_sagas WHERE {_ACTIVE} "
         f"AND (owner IS NULL OR owner != ?) {' '.join(where)} ORDER BY created_at, id LIMIT ?) "
         f"RETURNING {_COLS}",
@@ -192,7 +202,8 @@ class SqliteStore:
                 raise SchemaTooNew(self.location, current, latest)
             for number, sql in available:
                 if number > current:
-                    for statement in sql.split(";"):
+                    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+                    for statement in code.split(";"):
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute("INSERT INTO sagakit_schema (version) VALUES (?)", (number,))
@@ -238,6 +249,9 @@ class SqliteStore:
         self.acquire_ownership()
         self._owner = self.worker_id
 
+    def lease_held(self) -> bool:
+        return True  # the file lock is the lease, and the operating system keeps it for us
+
     async def stop_worker(self) -> None:
         if self._owner is None:
             return
@@ -256,11 +270,11 @@ class SqliteStore:
 
     async def append(self, saga_id: str, entries: Sequence[Entry]) -> None:
         owner = self._owner
-        await self._writer.submit(lambda conn: _append(conn, saga_id, entries, owner))
+        await self._writer.submit(lambda conn: _append(conn, saga_id, entries, owner), saga_id)
 
     def append_soon(self, saga_id: str, entries: Sequence[Entry]) -> None:
         owner = self._owner
-        self._writer.submit_soon(lambda conn: _append(conn, saga_id, entries, owner))
+        self._writer.submit_soon(lambda conn: _append(conn, saga_id, entries, owner), saga_id)
 
     async def append_checked(self, saga_id: str, decide: Decide) -> SagaRecord:
         def apply(conn: sqlite3.Connection) -> SagaRecord:
@@ -275,11 +289,19 @@ class SqliteStore:
 
         return await self._writer.submit(apply)
 
-    async def claim(self, limit: int, caps: Mapping[str, TypeCap] | None = None) -> list[Claimed]:
+    async def claim(
+        self,
+        limit: int,
+        caps: Mapping[str, TypeCap] | None = None,
+        *,
+        suspects: bool = False,
+        suspect_after: int = SUSPECT_AFTER,
+    ) -> list[Claimed]:
         owner = self._owner
         if owner is None:
             raise StoreError("claim() needs start_worker() first")
         caps = caps or {}
+        how: dict[str, Any] = {"suspects": suspects, "suspect_after": suspect_after}
 
         def apply(conn: sqlite3.Connection) -> list[Claimed]:
             found: list[SagaRecord] = []
@@ -293,13 +315,32 @@ class SqliteStore:
                     ).fetchone()[0]
                     room = min(room, cap.cluster - owned)
                 if room > 0:
-                    found += _claim(conn, owner, min(room, limit - len(found)), [saga_type], ())
-            found += _claim(conn, owner, limit - len(found), None, list(caps))
+                    room = min(room, limit - len(found))
+                    found += _claim(conn, owner, room, [saga_type], (), **how)
+            rest = limit - len(found)
+            found += _claim(conn, owner, rest, None, list(caps), **how)
             found.sort(key=lambda r: (r.created_at, r.id))
             journals = _journals(conn, [r.id for r in found]) if found else {}
             return [Claimed(record=r, journal=journals[r.id]) for r in found]
 
         return await self._writer.submit(apply)
+
+    async def adopt(self, running: Collection[str], limit: int) -> list[Claimed]:
+        owner = self._owner
+        if owner is None:
+            return []
+
+        def q(conn: sqlite3.Connection) -> list[Claimed]:
+            owned = conn.execute(
+                f"SELECT {_COLS} FROM sagakit_sagas WHERE owner = ? AND {_ACTIVE} "
+                "ORDER BY created_at, id",
+                (owner,),
+            )
+            found = [r for r in map(rows.record, owned) if r.id not in running][:limit]
+            journals = _journals(conn, [r.id for r in found]) if found else {}
+            return [Claimed(record=r, journal=journals[r.id]) for r in found]
+
+        return await self._read(q)
 
     async def release(self, saga_ids: Sequence[str]) -> None:
         owner = self._owner

@@ -24,10 +24,11 @@ Apply = Callable[[sqlite3.Connection], Any]
 
 
 class _Op:
-    __slots__ = ("apply", "error", "future", "result")
+    __slots__ = ("apply", "error", "future", "key", "result")
 
-    def __init__(self, apply: Apply, future: asyncio.Future[Any] | None) -> None:
+    def __init__(self, apply: Apply, future: asyncio.Future[Any] | None, key: str | None) -> None:
         self.apply = apply
+        self.key = key
         self.future = future
         self.result: Any = None
         self.error: BaseException | None = None
@@ -66,6 +67,7 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed: dict[str, BaseException] = {}  # writer thread only
 
     @property
     def running(self) -> bool:
@@ -84,17 +86,24 @@ class GroupCommitWriter:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    def submit(self, apply: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue ``apply``; the future resolves once its transaction is committed."""
+    def submit(
+        self, apply: Callable[[sqlite3.Connection], T], key: str | None = None
+    ) -> asyncio.Future[T]:
+        """Queue ``apply``; the future resolves once its transaction is committed.
+
+        ``key`` names the saga the write belongs to: if an earlier queued write of the same
+        key failed, this one fails with that error and is not applied, so that a saga's
+        journal never has a hole that its writer did not hear about.
+        """
         if self._thread is None or self._loop is None:
             raise StoreError("the store is not open; use `async with App(...)` or await app.open()")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(apply, fut))
+        self._queue.put(_Op(apply, fut, key))
         return fut
 
-    def submit_soon(self, apply: Apply) -> None:
+    def submit_soon(self, apply: Apply, key: str | None = None) -> None:
         """Queue ``apply`` without waiting; a later ``submit`` commits after it."""
-        self._queue.put(_Op(apply, None))
+        self._queue.put(_Op(apply, None, key))
 
     def _run(self) -> None:
         conn = self._connect()
@@ -138,26 +147,50 @@ class GroupCommitWriter:
             batch.append(op)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        todo = [op for op in batch if not self._poisoned(op)]
+        if not todo:
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for op in batch:
+                for op in todo:
                     op.result = op.apply(conn)
             except Exception:
                 conn.execute("ROLLBACK")
-                self._commit_isolated(conn, batch)
+                self._commit_isolated(conn, todo)
                 return
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             err = StoreError(f"writing to {self._location} failed: {exc}")
             err.__cause__ = exc
-            for op in batch:
+            for op in todo:
                 op.error = err
+                self._remember(op)
+
+    def _poisoned(self, op: _Op) -> bool:
+        """Fail ``op`` if an earlier write of its saga failed unheard; a waited-on write
+        reports it, after which the saga's writes go through again."""
+        if op.key is None or op.key not in self._failed:
+            return False
+        op.error = self._failed[op.key]
+        if op.future is not None:
+            del self._failed[op.key]
+        return True
+
+    def _remember(self, op: _Op) -> None:
+        if op.key is not None and op.future is None and op.error is not None:
+            self._failed[op.key] = op.error
 
     def _commit_isolated(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        """Commit the batch with each op in its own savepoint, so one bad op fails alone."""
+        """Commit the batch with each op in its own savepoint, so one bad op fails alone (and
+        the later writes of its saga with it)."""
         conn.execute("BEGIN IMMEDIATE")
+        failed: dict[str, BaseException] = {}
         for op in batch:
+            if op.key is not None and op.key in failed:
+                op.error = failed[op.key]
+                self._remember(op)
+                continue
             conn.execute("SAVEPOINT op")
             try:
                 op.result = op.apply(conn)
@@ -168,5 +201,8 @@ class GroupCommitWriter:
                 if isinstance(exc, sqlite3.Error):
                     op.error = StoreError(f"writing to {self._location} failed: {exc}")
                     op.error.__cause__ = exc
+                if op.key is not None:
+                    failed[op.key] = op.error
+                self._remember(op)
             conn.execute("RELEASE op")
         conn.execute("COMMIT")

@@ -14,7 +14,8 @@ CREATE TABLE sagakit_sagas (
     created_at      double precision NOT NULL,
     updated_at      double precision NOT NULL,
     owner           text,
-    recoveries      integer NOT NULL DEFAULT 0
+    recoveries      integer NOT NULL DEFAULT 0,  -- takeovers in a row without progress
+    takeovers       integer NOT NULL DEFAULT 0   -- takeovers from dead workers in all
 ) WITH (fillfactor = 70);  -- room for HOT updates: a step changes no indexed column
 CREATE INDEX sagakit_sagas_active ON sagakit_sagas (created_at, id)
     WHERE state IN ('started', 'running', 'compensating');
@@ -38,8 +39,9 @@ CREATE TABLE sagakit_journal (
 );
 
 CREATE TABLE sagakit_workers (
-    id          text PRIMARY KEY,
-    backend_pid integer,
-    lease_until timestamptz NOT NULL,
-    started_at  timestamptz NOT NULL DEFAULT now()
+    id           text PRIMARY KEY,
+    backend_pid  integer,                -- the connection the worker renews its lease on
+    lease_until  timestamptz NOT NULL,
+    suspected_at timestamptz,            -- when that connection was first seen gone
+    started_at   timestamptz NOT NULL DEFAULT now()
 );
