@@ -221,6 +221,8 @@ class SqliteStore:
         self._opened = False
         await self._writer.stop()
         await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=True)  # no thread outlives the store
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sagakit-sqlite-reader")
         self.release_ownership()
 
     def _close_reader(self) -> None:
