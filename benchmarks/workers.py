@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from sagakit import App
 from sagakit.journal import TERMINAL
 
 HERE = Path(__file__).resolve().parent
+LOGS = Path(tempfile.mkdtemp(prefix="sagakit-bench-workers-"))
 
 
 def spawn_worker(url: str, concurrency: int) -> subprocess.Popen[bytes]:
@@ -42,7 +44,8 @@ def spawn_worker(url: str, concurrency: int) -> subprocess.Popen[bytes]:
         "SAGAKIT_BENCH_LEASE": "5",
     }
     command = [sys.executable, "-m", "sagakit", "worker", "--app", "order_saga:app"]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(LOGS / f"worker-{len(list(LOGS.iterdir()))}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(workers: list[subprocess.Popen[bytes]]) -> None:
