@@ -187,6 +187,12 @@ class App:
     ) -> None:
         await self.close()
 
+    async def open_for_reading(self) -> None:
+        """Open the database without executing sagas (for tools that only read)."""
+        if not self._opened:
+            self._want_worker = False
+            await self.open()
+
     async def _ready(self) -> None:
         if not self._opened:
             await self.open()

@@ -231,6 +231,39 @@ def show(saga_id: str, url: str, as_json: bool) -> None:
     out.print(_timeline_table(rows, start))
 
 
+@main.command("check")
+@click.option("--app", "target", required=True, metavar="MODULE:ATTR", help="The App to check.")
+@json_option
+def check_command(target: str, as_json: bool) -> None:
+    """Replay every unfinished saga against the App's code; exit 1 if any would break.
+
+    Run it with the code you are about to deploy: it writes nothing.
+    """
+    from sagakit.check import check
+
+    app = load_app(target)
+
+    async def go() -> tuple[int, list[Any]]:
+        try:
+            return await check(app)
+        finally:
+            await app.close()
+
+    checked, broken = run(go())
+    if as_json:
+        click.echo(dumps({"checked": checked, "broken": [dataclasses.asdict(b) for b in broken]}))
+    elif broken:
+        table = Table("saga", "type", "version", "state", "why it would break", box=None)
+        for b in broken:
+            table.add_row(b.saga_id, b.saga_type, str(b.version), _styled(b.state),
+                          escape(b.reason))  # fmt: skip
+        console().print(table)
+    else:
+        click.echo(f"{checked} unfinished sagas checked: all resume with this code")
+    if broken:
+        sys.exit(1)
+
+
 # -- worker ------------------------------------------------------------------------------------
 
 

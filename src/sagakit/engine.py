@@ -185,6 +185,20 @@ class SagaRun:
         self.output = payload
         return SagaState.COMPLETED
 
+    async def replay(self) -> NonDeterminismError | None:
+        """Run the workflow against the journal only, writing nothing, and return the
+        non-determinism a real resume would meet (None if it would replay cleanly)."""
+        self._replay_only = True
+        try:
+            await self.saga.run()(WorkflowContext(self), self.data)
+        except NonDeterminismError as exc:
+            return exc
+        except _ReplayExhausted:
+            return None
+        except Exception:  # a recorded failure raised again, as on a real resume
+            return None
+        return None
+
     async def _park(self, exc: Exception) -> SagaState:
         log.error("saga %s needs attention: %s", self.saga_id, exc)
         await self._write(Kind.SAGA_PARKED, error=error_info(exc))
