@@ -104,6 +104,10 @@ class SagaRun:
         self._next_index = proj.next_index
         self._recorded = proj.outcomes
         self._resume_attempts = proj.attempts
+        # Steps started but without an outcome: a replay must call the same step there.
+        self._in_flight = {
+            seq: name for seq, name in proj.started_names.items() if seq not in proj.outcomes
+        }
         self._journal_completed = proj.completed
         self._compensated = proj.compensated
         self._compensation_attempts = proj.compensation_attempts
@@ -224,6 +228,9 @@ class SagaRun:
                 raise NonDeterminismError(self.saga_id, seq, f"{recorded!r}", f"ctx.{name}()")
             value: T = (rec.data or {})["value"]
             return value
+        if seq in self._in_flight:
+            got = f"ctx.{name}()"
+            raise NonDeterminismError(self.saga_id, seq, f"step {self._in_flight[seq]!r}", got)
         if self._replay_only:
             raise _ReplayExhausted
         value = make()
@@ -260,6 +267,9 @@ class SagaRun:
             if rec.kind is Kind.STEP_FAILED:
                 raise StepFailed(self.saga_id, name, rec.attempt or 1, rec.error or {})
             return self._completed(done, decode(rec.payload, _return_hint(action)))
+        started = self._in_flight.get(seq)
+        if started is not None and started != name:
+            raise NonDeterminismError(self.saga_id, seq, f"step {started!r}", f"step {name!r}")
         if self._replay_only:
             self._check_deadline(name)
             raise _ReplayExhausted

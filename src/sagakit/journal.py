@@ -111,6 +111,7 @@ class Projection:
     compensated: set[int] = field(default_factory=set)
     compensation_attempts: dict[int, int] = field(default_factory=dict)
     started: set[tuple[int, int]] = field(default_factory=set)
+    started_names: dict[int, str] = field(default_factory=dict)  # seq -> step started there
     step_starts: int = 0
     reruns: int = 0
 
@@ -127,6 +128,7 @@ def _apply_step(p: Projection, e: Entry) -> None:
         if (e.seq, attempt) in p.started:
             p.reruns += 1  # the same attempt started twice: a body re-run after recovery
         p.started.add((e.seq, attempt))
+        p.started_names[e.seq] = e.step or ""
         p.attempts[e.seq] = attempt
     elif e.kind is Kind.STEP_RETRYING:
         p.attempts[e.seq] = (e.attempt or 1) + 1

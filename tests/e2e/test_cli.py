@@ -223,3 +223,59 @@ def test_timeline_pairs_attempts_and_marks_interrupted_ones() -> None:
     assert rows[4].detail == "Down: try later"
     running = timeline(entries[:2], active=True)
     assert [(r.what, r.outcome) for r in running] == [("saga started", ""), ("reserve", "running")]
+
+
+CHECKED_APP = """
+import asyncio
+from sagakit import App
+
+app = App("sqlite:///check.db", poll_interval=0.05)
+VERSION = {version}
+
+
+async def hold(ctx, data):
+    await asyncio.sleep(3600)
+
+
+async def other(ctx, data):
+    return "other"
+
+
+@app.saga("Order")
+async def order(ctx, data):
+    if VERSION == 2:
+        await ctx.step(other, data)
+    return await ctx.step(hold, data)
+
+
+async def leave_one_running():
+    handle = await app.start("Order", {{"n": 1}})
+    for _ in range(300):
+        if any(e.step == "hold" for e in await app.journal(handle.id)):
+            break
+        await asyncio.sleep(0.01)
+    await app.close()
+"""
+
+
+def test_check_exits_1_for_a_workflow_that_would_break(tmp_path: Path) -> None:
+    (tmp_path / "v1.py").write_text(CHECKED_APP.format(version=1))
+    (tmp_path / "v2.py").write_text(CHECKED_APP.format(version=2))
+    started = subprocess.run(
+        [sys.executable, "-c", "import asyncio, v1; asyncio.run(v1.leave_one_running())"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+
+    same = sagakit("check", "--app", "v1:app", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert "1 unfinished sagas checked: all resume with this code" in same.stdout
+
+    changed = sagakit("check", "--app", "v2:app", "--json", cwd=tmp_path)
+    assert changed.returncode == 1, changed.stderr
+    report = json.loads(changed.stdout)
+    assert report["checked"] == 1
+    assert (
+        "NonDeterminism" in report["broken"][0]["reason"]
+        or "'other'" in (report["broken"][0]["reason"])
+    )
