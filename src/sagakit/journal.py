@@ -120,6 +120,13 @@ class Projection:
         return [c for c in reversed(self.completed) if c.seq not in self.compensated]
 
 
+def state_after(e: Entry) -> SagaState | None:
+    """The state entry ``e`` moves its saga to, or None if it leaves the state alone."""
+    if e.kind is Kind.OPERATOR_RETRY:
+        return SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
+    return TRANSITIONS[e.kind]
+
+
 def _apply_step(p: Projection, e: Entry) -> None:
     assert e.seq is not None
     if e.kind is Kind.STEP_STARTED:
@@ -162,9 +169,8 @@ def apply(p: Projection, e: Entry) -> None:
     """Fold one entry into the projection (in place, for speed on long journals)."""
     p.next_index = e.index + 1
     kind = e.kind
-    state = TRANSITIONS[kind]
+    state = state_after(e)
     if kind is Kind.OPERATOR_RETRY:
-        state = SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
         p.compensation_attempts.clear()
     if state is not None:
         p.state = state
@@ -216,9 +222,7 @@ def row_changes(entries: Iterable[Entry]) -> dict[str, Any]:
     """The saga-row columns that appending ``entries`` changes: the projection at write time."""
     changes: dict[str, Any] = {}
     for e in entries:
-        state = TRANSITIONS[e.kind]
-        if e.kind is Kind.OPERATOR_RETRY:
-            state = SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
+        state = state_after(e)
         if state is not None:
             changes["state"] = state
         if e.step is not None and e.kind in _STEP_KINDS:

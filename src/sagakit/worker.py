@@ -124,15 +124,13 @@ class Runner:
             self._orphans.pop(record.id, None)
             return None
         except (StoreError, OSError) as exc:
-            tries = self._orphans.get(record.id, (record, 0))[1] + 1
             log.warning("saga %s stopped on a store error (%s); it resumes from its journal "
-                        "when the store answers (try %d)", record.id, exc, tries)  # fmt: skip
-            self._orphans[record.id] = (record, tries)
+                        "when the store answers (try %d)", record.id, exc,
+                        self._orphan(record))  # fmt: skip
             return None
         except Exception:
-            log.exception("saga %s stopped on an internal error; it resumes later", record.id)
-            tries = self._orphans.get(record.id, (record, 0))[1] + 1
-            self._orphans[record.id] = (record, tries)
+            log.exception("saga %s stopped on an internal error; it resumes later (try %d)",
+                          record.id, self._orphan(record))  # fmt: skip
             return None
         finally:
             self.tasks.pop(record.id, None)
@@ -140,6 +138,12 @@ class Runner:
             self._by_type[record.saga_type] -= 1
             if record.saga_type in self.caps():
                 self.wake()  # room for another saga of a capped type
+
+    def _orphan(self, record: SagaRecord) -> int:
+        """Remember a saga to re-run from its journal; return how often its run stopped."""
+        tries = self._orphans.get(record.id, (record, 0))[1] + 1
+        self._orphans[record.id] = (record, tries)
+        return tries
 
     async def _execute(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
         if journal is None:
@@ -243,14 +247,11 @@ class Runner:
             try:
                 await self.recover()
                 failures = 0
-            except (StoreError, OSError) as exc:
+            except Exception as exc:
                 failures += 1
-                self._adopt_due = True
-                log.warning("claiming sagas failed (%s); retrying", exc)
-            except Exception:
-                failures += 1
-                self._adopt_due = True
-                log.exception("claiming sagas failed; retrying")
+                self._adopt_due = True  # a claim whose reply was lost may have taken sagas
+                expected = isinstance(exc, StoreError | OSError)
+                log.warning("claiming sagas failed (%s); retrying", exc, exc_info=not expected)
             self._wake.clear()
             wait = self.settings.poll_interval
             if failures or self._orphans:

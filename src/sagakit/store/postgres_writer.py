@@ -153,7 +153,7 @@ class PgWriter:
             sagas: dict[str, list[Op]] = {}
             for op in ops:
                 sagas.setdefault(op.saga_id, []).append(op)
-            if len(sagas) > 1 and not _is_connection_error(exc):
+            if len(sagas) > 1 and not isinstance(exc, StoreUnavailable):
                 for group in sagas.values():  # one bad saga must not fail the others
                     await self._guard(group, run)
                 return
@@ -197,7 +197,3 @@ class PgWriter:
             else:
                 results[i] = (existing[op.record.idempotency_key or ""], False)
         return results
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, StoreUnavailable)
