@@ -11,7 +11,8 @@ Quick start::
 """
 
 from sagakit.app import App
-from sagakit.definition import RetryPolicy, Saga, Step, step
+from sagakit.clock import Clock, SystemClock, VirtualClock
+from sagakit.definition import Parallel, RetryPolicy, Saga, Step, StepKind, parallel, step
 from sagakit.errors import (
     AppClosed,
     ConfigurationError,
@@ -28,13 +29,16 @@ from sagakit.errors import (
     InvalidStep,
     NonDeterminismError,
     NotSerializable,
+    PastPivot,
     PayloadError,
     RecoveryLimitExceeded,
+    SagaCancelled,
     SagaDeadlineExceeded,
     SagaFailed,
     SagakitError,
     SagaNotFound,
     SchemaTooNew,
+    SignalTimedOut,
     StepError,
     StepFailed,
     StepTimedOut,
@@ -44,12 +48,14 @@ from sagakit.errors import (
 )
 from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import Entry, Kind, SagaState
+from sagakit.middleware import Middleware, StepCall
 from sagakit.sync import SyncApp
 from sagakit.workflow import StepContext, WorkflowContext
 
 __all__ = [
     "App",
     "AppClosed",
+    "Clock",
     "ConfigurationError",
     "CorruptPayload",
     "DatabaseOwned",
@@ -64,12 +70,16 @@ __all__ = [
     "InvalidSagaState",
     "InvalidStep",
     "Kind",
+    "Middleware",
     "NonDeterminismError",
     "NotSerializable",
+    "Parallel",
+    "PastPivot",
     "PayloadError",
     "RecoveryLimitExceeded",
     "RetryPolicy",
     "Saga",
+    "SagaCancelled",
     "SagaDeadlineExceeded",
     "SagaFailed",
     "SagaHandle",
@@ -78,15 +88,21 @@ __all__ = [
     "SagaState",
     "SagakitError",
     "SchemaTooNew",
+    "SignalTimedOut",
     "Step",
+    "StepCall",
     "StepContext",
     "StepError",
     "StepFailed",
+    "StepKind",
     "StepTimedOut",
     "StoreError",
     "StoreUnavailable",
     "SyncApp",
+    "SystemClock",
     "UnknownSagaType",
+    "VirtualClock",
     "WorkflowContext",
+    "parallel",
     "step",
 ]

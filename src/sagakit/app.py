@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+from sagakit.clock import SYSTEM_CLOCK, Clock
 from sagakit.codec import decode, encode
 from sagakit.definition import Saga, Workflow
 from sagakit.errors import (
@@ -27,8 +28,9 @@ from sagakit.errors import (
 )
 from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState
+from sagakit.middleware import Middleware
 from sagakit.store import open_store
-from sagakit.store.base import SagaRecord
+from sagakit.store.base import CANCEL_SIGNAL, SagaRecord, new_saga
 from sagakit.worker import Outcome, Runner, RunnerSettings
 
 RESTING = TERMINAL | {SagaState.NEEDS_ATTENTION}
@@ -56,6 +58,10 @@ class App:
         pool_size: PostgreSQL only: connections in the pool.
         lease: PostgreSQL only: seconds a worker keeps its sagas without a heartbeat; after
             that (or at once, if its database connection is gone) others take them over.
+        middleware: wrappers around every step and compensation call, the first outermost
+            (see :mod:`sagakit.middleware`).
+        clock: where sagas read the time and wait; a :class:`~sagakit.clock.VirtualClock`
+            lets tests skip time (SQLite only).
     """
 
     def __init__(
@@ -70,8 +76,19 @@ class App:
         thread_pool_size: int = 32,
         pool_size: int = 10,
         lease: float = 10.0,
+        middleware: builtins.list[Middleware] | tuple[Middleware, ...] = (),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.store = open_store(url, durability=durability, pool_size=pool_size, lease=lease)
+        self.store = open_store(
+            url, durability=durability, pool_size=pool_size, lease=lease, clock=clock
+        )
+        self.clock = clock
+        self.middleware = tuple(middleware)
+        for m in self.middleware:
+            if not isinstance(m, Middleware):
+                raise ConfigurationError(
+                    f"middleware must subclass sagakit.middleware.Middleware, got {m!r}"
+                )
         self._want_worker = worker
         self._settings = RunnerSettings(
             max_concurrency=max_concurrency,
@@ -151,7 +168,15 @@ class App:
 
     async def _become_worker(self) -> None:
         executor = ThreadPoolExecutor(self._thread_pool_size, thread_name_prefix="sagakit-step")
-        runner = Runner(self.store, self.definition, self._settings, executor, self._caps)
+        runner = Runner(
+            self.store,
+            self.definition,
+            self._settings,
+            executor,
+            self._caps,
+            clock=self.clock,
+            middleware=self.middleware,
+        )
         try:
             await self.store.start_worker(runner.wake)
         except DatabaseOwned:
@@ -231,26 +256,15 @@ class App:
             except PayloadError as exc:
                 raise InvalidInput(saga_type, saga.input_type, str(exc.__cause__ or exc)) from exc
         await self._ready()
-        now = time.time()
-        limit = deadline if deadline is not None else saga.deadline
-        record = SagaRecord(
-            id=str(uuid.uuid4()),
-            saga_type=saga.name,
-            version=saga.version,
-            state=SagaState.STARTED,
+        record, first = new_saga(
+            saga,
+            payload,
+            now=self.clock.now(),
             idempotency_key=idempotency_key,
-            input=payload,
-            output=None,
-            error=None,
-            current_step=None,
-            deadline=None if limit is None else now + limit,
-            created_at=now,
-            updated_at=now,
+            deadline=deadline,
             # A capped type starts through a claim, which counts it against its cap.
             owner=self.store.worker_id if self._runner is not None and not saga.capped else None,
         )
-        first = Entry(saga_id=record.id, index=0, kind=Kind.SAGA_STARTED, at=now, payload=payload,
-                      data={"version": saga.version})  # fmt: skip
         stored, created = await self.store.create(record, first)
         if created and self._runner is not None:
             if saga.capped:
@@ -354,6 +368,69 @@ class App:
         await self._ready()
         return SagaInfo.of(await self.store.append_checked(saga_id, decide))
 
+    async def signal(
+        self, saga_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> bool:
+        """Send signal ``name`` with ``payload`` to a saga. It is stored first, then delivered
+        to the saga's ``ctx.wait_for_signal(name)`` (now, or whenever it waits for it); each
+        signal is delivered once. Return False if a signal with ``signal_id`` was already
+        sent to this saga (nothing is stored again).
+
+        Raises:
+            SagaNotFound: no saga has this id.
+            InvalidSagaState: the saga is completed, failed or cancelled.
+            NotSerializable: ``payload`` cannot be stored as JSON. Nothing is written.
+        """
+        if not isinstance(name, str) or not name or name.startswith("sagakit."):
+            raise ConfigurationError(
+                f"a signal name is a non-empty str not starting with 'sagakit.', got {name!r}"
+            )
+        if signal_id is not None and (not isinstance(signal_id, str) or not signal_id):
+            raise ConfigurationError(f"signal_id must be a non-empty str, got {signal_id!r}")
+        encoded = encode(payload, what=f"the payload of signal {name!r}")
+        await self._ready()
+        sent = await self.store.send_signal(
+            saga_id, signal_id or str(uuid.uuid4()), name, encoded, self.clock.now()
+        )
+        if sent and self._runner is not None:
+            self._runner.wake()
+        return sent
+
+    async def cancel(self, saga_id: str, *, reason: str = "") -> None:
+        """Cancel a saga: at its next step or wait it stops going forward, compensates every
+        step it completed (a step running now finishes first, and is compensated too) and
+        ends ``cancelled``. A saga parked in ``needs_attention`` before compensating is
+        cancelled the same way. Cancelling twice is harmless; a saga past its pivot step
+        cannot be cancelled.
+
+        Raises:
+            SagaNotFound: no saga has this id.
+            InvalidSagaState: the saga has ended, is compensating already, or is past its
+                pivot. Nothing is written.
+        """
+        if not isinstance(reason, str):
+            raise ConfigurationError(f"reason must be a str, got {reason!r}")
+        await self._ready()
+        record = await self._record(saga_id)
+        journal = await self.store.journal(saga_id)
+        _check_cancellable(record, journal)
+        if record.state is SagaState.NEEDS_ATTENTION:
+
+            def decide(r: SagaRecord, j: builtins.list[Entry]) -> builtins.list[Entry]:
+                _check_cancellable(r, j)
+                data = {"reason": reason, "resume": SagaState.RUNNING.value}
+                return [_operator_entry(j, Kind.CANCEL_REQUESTED, data)]
+
+            await self.store.append_checked(saga_id, decide)
+        else:
+            payload = encode({"reason": reason})
+            await self.store.send_signal(
+                saga_id, CANCEL_SIGNAL, CANCEL_SIGNAL, payload, self.clock.now()
+            )
+        if self._runner is not None:
+            self._runner.cancel(saga_id, reason)
+            self._runner.wake()
+
     async def run_worker(self, stop: asyncio.Event) -> None:
         """Execute and recover this database's sagas until ``stop`` is set, then shut down:
         commits in flight finish, unfinished sagas resume from their journal next time."""
@@ -361,6 +438,28 @@ class App:
         await self.open()
         await stop.wait()
         await self.close()
+
+
+def _check_cancellable(record: SagaRecord, journal: list[Entry]) -> None:
+    kinds = {e.kind for e in journal}
+    if record.state in TERMINAL or Kind.SAGA_COMPENSATING in kinds:
+        raise InvalidSagaState(record.id, record.state, "cancel", "started, running, or "
+                               "needs_attention before compensating")  # fmt: skip
+    pivot = _pivot_passed(journal)
+    if pivot is not None:
+        raise InvalidSagaState(record.id, f"past its pivot step {pivot!r}", "cancel",
+                               "before its pivot")  # fmt: skip
+
+
+def _pivot_passed(journal: list[Entry]) -> str | None:
+    """The pivot or retriable step a saga completed or started, from its journal."""
+    for e in journal:
+        kind = (e.data or {}).get("kind")
+        if (e.kind is Kind.STEP_COMPLETED and kind == "pivot") or (
+            e.kind is Kind.STEP_STARTED and kind == "retriable"
+        ):
+            return e.step
+    return None
 
 
 def _require_attention(record: SagaRecord, action: str) -> None:

@@ -264,6 +264,36 @@ def check_command(target: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command("graph")
+@click.argument("saga_type", metavar="TYPE")
+@click.option("--app", "target", required=True, metavar="MODULE:ATTR", help="The App to read.")
+@click.option("--version", type=click.IntRange(min=1), help="This version (default: the latest).")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Code-first sagas: how many recent runs to draw from.",
+)
+def graph_command(saga_type: str, target: str, version: int | None, runs: int) -> None:
+    """Print saga TYPE as a Mermaid flowchart, with its compensation edges.
+
+    Declarative sagas are drawn from their steps; code-first ones from the recorded runs in
+    the App's database. Pipe it into a file: `sagakit graph TYPE --app m:app > saga.mmd`.
+    """
+    from sagakit.graph import graph_for
+
+    app = load_app(target)
+
+    async def go() -> str:
+        try:
+            return await graph_for(app, saga_type, version=version, runs=runs)
+        finally:
+            await app.close()
+
+    click.echo(run(go()), nl=False)
+
+
 # -- worker ------------------------------------------------------------------------------------
 
 

@@ -6,10 +6,12 @@ A :class:`Saga` is either a list of steps (declarative) or an async workflow fun
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import inspect
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +91,42 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=0.1, max_interval=5.0)
+FOREVER = 2**31 - 1  # the attempts of a retriable step: retried until it succeeds
+RETRY_FOREVER = RetryPolicy(max_attempts=FOREVER, initial_interval=0.5, max_interval=60.0)
+
+
+class StepKind(enum.StrEnum):
+    """The kinds of saga transactions of *Microservices Patterns* (Richardson, ch. 4).
+
+    A saga is a run of compensatable steps, then at most one pivot, then retriable steps:
+
+    - ``compensatable``: undone by its compensation if a later step fails (a step without a
+      compensation, such as a validation, is compensatable with nothing to undo);
+    - ``pivot``: the point of no return. If it completes, the saga runs to the end; it has no
+      compensation. If it fails, the steps before it are compensated;
+    - ``retriable``: after the pivot; retried until it succeeds and never compensated. One that
+      fails for good (a non-retryable error) parks the saga in ``needs_attention``.
+    """
+
+    COMPENSATABLE = "compensatable"
+    PIVOT = "pivot"
+    RETRIABLE = "retriable"
+
+
+def kind_of(*, pivot: bool, retriable: bool) -> StepKind:
+    if pivot and retriable:
+        raise ValueError("a step is either the pivot or retriable, not both")
+    if pivot:
+        return StepKind.PIVOT
+    return StepKind.RETRIABLE if retriable else StepKind.COMPENSATABLE
+
+
+def retry_for(kind: StepKind, retry: RetryPolicy | None) -> RetryPolicy:
+    """The retry policy a step of ``kind`` runs with: a retriable step keeps the given
+    intervals but is never out of attempts."""
+    if kind is StepKind.RETRIABLE:
+        return dataclasses.replace(retry or RETRY_FOREVER, max_attempts=FOREVER)
+    return retry or NO_RETRY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +139,25 @@ class Step:
     retry: RetryPolicy = NO_RETRY
     compensate_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
     timeout: float | None = None
+    kind: StepKind = StepKind.COMPENSATABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Parallel:
+    """Steps of a declarative saga that run at the same time; build it with :func:`parallel`.
+
+    The saga goes on when all of them completed. If one fails, the others still finish, and
+    then the completed ones of the group (concurrently) and every earlier step (after them, in
+    reverse order) are compensated.
+    """
+
+    steps: tuple[Step, ...]
+
+
+def parallel(*steps: Step) -> Parallel:
+    """Group steps to run concurrently: ``Saga("X", steps=[step(...), parallel(step(...),
+    step(...)), step(...)])``."""
+    return Parallel(steps=steps)
 
 
 def check_callable(saga_type: str, name: str, fn: Any, role: str, params: int) -> None:
@@ -129,19 +186,28 @@ def step(
     retry: RetryPolicy | None = None,
     compensate_retry: RetryPolicy | None = None,
     timeout: float | None = None,
+    pivot: bool = False,
+    retriable: bool = False,
 ) -> Step:
     """Declare a step: ``action(ctx, data) -> result`` and ``compensate(ctx, data, result)``.
 
     Either may be a plain function (run in a thread pool) or an ``async def``.
-    ``timeout`` is seconds per attempt; a timed-out attempt counts as failed.
+    ``timeout`` is seconds per attempt; a timed-out attempt counts as failed. ``pivot=True``
+    marks the saga's point of no return and ``retriable=True`` a step after it that is retried
+    until it succeeds (see :class:`StepKind`).
     """
+    try:
+        kind = kind_of(pivot=pivot, retriable=retriable)
+    except ValueError as exc:
+        raise InvalidStep("-", str(name), str(exc)) from None
     return Step(
         name=name,
         action=action,
         compensate=compensate,
-        retry=retry or NO_RETRY,
+        retry=retry_for(kind, retry),
         compensate_retry=compensate_retry or DEFAULT_COMPENSATION_RETRY,
         timeout=timeout,
+        kind=kind,
     )
 
 
@@ -158,6 +224,54 @@ def validate_step(saga_type: str, s: Step) -> None:
     for policy in (s.retry, s.compensate_retry):
         if not isinstance(policy, RetryPolicy):
             raise InvalidStep(saga_type, s.name, f"{policy!r} is not a RetryPolicy")
+    if s.kind is not StepKind.COMPENSATABLE and s.compensate is not None:
+        raise InvalidStep(
+            saga_type,
+            s.name,
+            f"a {s.kind} step is never compensated, so it cannot have a compensation; "
+            "drop compensate=, or make it an ordinary (compensatable) step before the pivot",
+        )
+
+
+def validate_kinds(saga_type: str, items: Sequence[Step | Parallel]) -> None:
+    """Check the order compensatable* pivot? retriable*, with a message saying why not."""
+    pivot: str | None = None
+    retriable: str | None = None
+    for item in items:
+        group = item.steps if isinstance(item, Parallel) else (item,)
+        for s in group:
+            if s.kind is StepKind.PIVOT:
+                if isinstance(item, Parallel):
+                    raise InvalidStep(saga_type, s.name, "the pivot cannot be in a parallel "
+                                      "group: it is the single point of no return")  # fmt: skip
+                if pivot is not None:
+                    raise InvalidStep(saga_type, s.name, f"the saga already has a pivot step "
+                                      f"{pivot!r}; a saga has at most one")  # fmt: skip
+                if retriable is not None:
+                    raise InvalidStep(saga_type, s.name, f"the pivot must come before the "
+                                      f"retriable step {retriable!r}")  # fmt: skip
+            elif s.kind is StepKind.COMPENSATABLE and (pivot or retriable):
+                after = f"the pivot {pivot!r}" if pivot else f"the retriable step {retriable!r}"
+                raise InvalidStep(
+                    saga_type,
+                    s.name,
+                    f"it comes after {after}, and steps after the point of no return are never "
+                    "compensated; mark it retriable=True, or move it before the pivot",
+                )
+        for s in group:
+            if s.kind is StepKind.PIVOT:
+                pivot = s.name
+            elif s.kind is StepKind.RETRIABLE:
+                retriable = retriable or s.name
+
+
+def flatten(items: Sequence[Step | Parallel]) -> Iterator[Step]:
+    """Every step of a declarative saga, parallel groups opened up, in order."""
+    for item in items:
+        if isinstance(item, Parallel):
+            yield from item.steps
+        else:
+            yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +284,7 @@ class Saga:
 
     Args:
         name: the saga type, as passed to ``app.start``.
-        steps: the steps, run in order.
+        steps: the steps, run in order; a :func:`parallel` group runs its steps at once.
         workflow: ``async def fn(ctx, data)``, instead of ``steps``.
         version: recorded with each saga started.
         deadline: seconds after start past which no further step starts and the saga
@@ -181,7 +295,7 @@ class Saga:
     """
 
     name: str
-    steps: Sequence[Step] = ()
+    steps: Sequence[Step | Parallel] = ()
     workflow: Workflow | None = None
     version: int = 1
     deadline: float | None = None
@@ -200,20 +314,27 @@ class Saga:
                 raise InvalidStep(self.name, "-", f"{cap} must be an int >= 1, got {value!r}")
         if self.deadline is not None and not self.deadline > 0:
             raise InvalidStep(self.name, "-", f"deadline must be > 0 seconds, got {self.deadline}")
-        seen: set[str] = set()
-        for s in self.steps:
-            if not isinstance(s, Step):
-                raise InvalidStep(self.name, str(s), "steps must be built with sagakit.step(...)")
-            validate_step(self.name, s)
-            if s.name in seen:
-                raise DuplicateStepName(self.name, s.name)
-            seen.add(s.name)
+        self._validate_steps()
         if self.workflow is not None:
             if not inspect.iscoroutinefunction(self.workflow):
                 raise InvalidStep(self.name, "-", "a workflow must be an `async def fn(ctx, data)`")
             check_callable(self.name, "-", self.workflow, "workflow", 2)
             if self.input_type is None:
                 object.__setattr__(self, "input_type", _input_hint(self.workflow))
+
+    def _validate_steps(self) -> None:
+        seen: set[str] = set()
+        for item in self.steps:
+            if isinstance(item, Parallel) and len(item.steps) < 2:
+                raise InvalidStep(self.name, "-", "a parallel group needs at least two steps")
+        for s in flatten(self.steps):
+            if not isinstance(s, Step):
+                raise InvalidStep(self.name, str(s), "steps must be built with sagakit.step(...)")
+            validate_step(self.name, s)
+            if s.name in seen:
+                raise DuplicateStepName(self.name, s.name)
+            seen.add(s.name)
+        validate_kinds(self.name, self.steps)
 
     @property
     def capped(self) -> bool:
@@ -235,19 +356,28 @@ def _input_hint(fn: Workflow) -> Any:
     return None
 
 
-def _compile(steps: Sequence[Step]) -> Workflow:
+def _compile(items: Sequence[Step | Parallel]) -> Workflow:
+    def call(ctx: WorkflowContext, s: Step, data: Any) -> Awaitable[Any]:
+        return ctx.step(
+            s.action,
+            data,
+            name=s.name,
+            compensate=s.compensate,
+            retry=s.retry,
+            compensate_retry=s.compensate_retry,
+            timeout=s.timeout,
+            pivot=s.kind is StepKind.PIVOT,
+            retriable=s.kind is StepKind.RETRIABLE,
+        )
+
     async def declarative(ctx: WorkflowContext, data: Any) -> dict[str, Any]:
         results: dict[str, Any] = {}
-        for s in steps:
-            results[s.name] = await ctx.step(
-                s.action,
-                data,
-                name=s.name,
-                compensate=s.compensate,
-                retry=s.retry,
-                compensate_retry=s.compensate_retry,
-                timeout=s.timeout,
-            )
+        for item in items:
+            if isinstance(item, Parallel):
+                got = await ctx.parallel(*(call(ctx, s, data) for s in item.steps))
+                results.update(zip((s.name for s in item.steps), got, strict=True))
+            else:
+                results[item.name] = await call(ctx, item, data)
         return results
 
     return declarative

@@ -3,54 +3,92 @@
 A :class:`SagaRun` is built from a saga's journal (empty for a new saga). It runs the workflow
 from the top; steps already in the journal return their recorded outcome without running, and
 new steps run live, each outcome committed before the workflow goes on. If the workflow raises,
-the completed steps are compensated in reverse order of completion.
+the completed steps are compensated in reverse order of completion. Where the workflow waits
+(a durable timer, a signal, a child saga), the run unloads the saga (:class:`Suspend`) and a
+later run resumes it from the journal.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
+import contextvars
 import logging
-import time
-import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sagakit import calls
+from sagakit.clock import SYSTEM_CLOCK, Clock
 from sagakit.codec import decode, encode, error_info
 from sagakit.definition import (
     DEFAULT_COMPENSATION_RETRY,
-    NO_RETRY,
     Action,
     Compensation,
     RetryPolicy,
     Saga,
+    StepKind,
+    retry_for,
 )
 from sagakit.errors import (
+    InvalidStep,
     NonDeterminismError,
     NotSerializable,
+    PastPivot,
+    SagaCancelled,
     SagaDeadlineExceeded,
     StepFailed,
-    StepTimedOut,
     StoreError,
 )
 from sagakit.journal import Entry, Kind, SagaState, project
-from sagakit.store.base import Store
+from sagakit.middleware import Middleware, StepCall
+from sagakit.store.base import CANCEL_SIGNAL, Store
 from sagakit.workflow import StepContext, WorkflowContext
 
 log = logging.getLogger("sagakit.engine")
 T = TypeVar("T")
 
+# The parallel group a step runs in (the seq of the group's first branch), per branch task.
+GROUP: contextvars.ContextVar[int | None] = contextvars.ContextVar("sagakit_group", default=None)
+Resolve = Callable[[str, int | None], Saga | None]
 
-class _ReplayExhausted(BaseException):
+
+class ReplayExhausted(BaseException):
     """Raised into a workflow replayed only to rebuild its compensations, where it would run
-    a step the journal does not have. BaseException so user code does not catch it."""
+    something the journal does not have. BaseException so user code does not catch it."""
+
+
+class Suspend(BaseException):
+    """Raised out of a workflow where it must wait: the run unloads the saga until ``until``
+    (by the store's clock), or earlier if a signal in ``signals`` (name -> how many of that
+    name were consumed) arrives or a child in ``children`` ends. ``effects``: something the
+    saga started may still act (a child saga): a failure elsewhere waits for it."""
+
+    def __init__(
+        self,
+        until: float,
+        *,
+        signals: dict[str, int] | None = None,
+        children: list[str] | None = None,
+        effects: bool = False,
+    ) -> None:
+        super().__init__(until)
+        self.until = until
+        self.signals = signals or {}
+        self.children = children or []
+        self.effects = effects
+
+    def merge(self, other: Suspend) -> Suspend:
+        return Suspend(
+            min(self.until, other.until),
+            signals={**self.signals, **other.signals},
+            children=[*self.children, *other.children],
+            effects=self.effects or other.effects,
+        )
 
 
 @dataclass(slots=True, kw_only=True)
-class _Done:
+class Done:
     """A completed step as the compensation needs it."""
 
     seq: int
@@ -59,22 +97,10 @@ class _Done:
     policy: RetryPolicy
     timeout: float | None
     data: Any
-    result: Any
-
-
-@functools.cache
-def _is_async(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-    )
-
-
-@functools.cache
-def _return_hint(fn: Callable[..., Any]) -> Any:
-    try:
-        return typing.get_type_hints(fn).get("return")
-    except Exception:  # unresolvable annotations: decode to plain JSON values
-        return None
+    result: Any = None
+    kind: StepKind = StepKind.COMPENSATABLE
+    group: int | None = None
+    child: str | None = None
 
 
 class SagaRun:
@@ -90,6 +116,11 @@ class SagaRun:
         deadline: float | None,
         journal: Sequence[Entry],
         executor: Executor | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        middleware: Sequence[Middleware] = (),
+        resolve: Resolve | None = None,
+        cancel: str | None = None,
+        notify: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.saga = saga
@@ -97,25 +128,39 @@ class SagaRun:
         self.data = data
         self.deadline = deadline
         self.executor = executor
+        self.clock = clock
+        self.middleware = tuple(middleware)
+        self.resolve = resolve
+        self.notify = notify or (lambda: None)
         proj = project(journal)
         self.state = proj.state
         self.output: str | None = None
         self.error = proj.error
+        self.wake_at: float | None = None  # set when the run unloaded a waiting saga
         self._next_index = proj.next_index
-        self._recorded = proj.outcomes
+        self.recorded = proj.outcomes
         self._resume_attempts = proj.attempts
         # Steps started but without an outcome: a replay must call the same step there.
-        self._in_flight = {
+        self.in_flight = {
             seq: name for seq, name in proj.started_names.items() if seq not in proj.outcomes
         }
+        self.started_data = proj.started_data
+        self.waits = proj.waits
+        self.signal_ids = proj.signal_ids
         self._journal_completed = proj.completed
-        self._compensated = proj.compensated
-        self._compensation_attempts = proj.compensation_attempts
+        self.compensated = proj.compensated
+        self.compensation_attempts = proj.compensation_attempts
         self._compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
-        self._seq = 0
+        self._cancel: str | None = None
+        if proj.cancel is not None:
+            self._cancel = str((proj.cancel.data or {}).get("reason", ""))
+        self._cancel_pending = cancel
+        self.cancel_known = self._cancel is not None or cancel is not None
+        self._pivot: str | None = None  # the pivot, once completed; or a retriable step
+        self.seq_counter = 0
         self._names: dict[str, int] = {}
-        self._done: dict[int, _Done] = {}
-        self._replay_only = False
+        self.done_steps: dict[int, Done] = {}
+        self.replay_only = False
         self._unflushed = False
         self._broken: StoreError | None = None
         self.results: dict[str, Any] = {}
@@ -125,9 +170,9 @@ class SagaRun:
     def _entry(self, kind: Kind, **fields: Any) -> Entry:
         index = self._next_index
         self._next_index += 1
-        return Entry(saga_id=self.saga_id, index=index, kind=kind, at=time.time(), **fields)
+        return Entry(saga_id=self.saga_id, index=index, kind=kind, at=self.clock.now(), **fields)
 
-    async def _write(self, kind: Kind, **fields: Any) -> None:
+    async def write(self, kind: Kind, **fields: Any) -> None:
         """Append an entry and wait until it, and every entry queued before it, is durable."""
         entry = self._entry(kind, **fields)
         try:
@@ -139,10 +184,10 @@ class SagaRun:
         if entry.error is not None:
             self.error = entry.error
 
-    def _write_soon(self, kind: Kind, **fields: Any) -> None:
-        """Queue an entry without waiting. The next ``_write`` commits it first; the engine
+    def write_soon(self, kind: Kind, **fields: Any) -> None:
+        """Queue an entry without waiting. The next ``write`` commits it first; the engine
         makes one before anything leaves the workflow (a step or compensation body runs, the
-        saga ends), so an outcome is always durable before the next effect."""
+        saga ends or unloads), so an outcome is always durable before the next effect."""
         self.store.append_soon(self.saga_id, (self._entry(kind, **fields),))
         self._unflushed = True
 
@@ -150,54 +195,75 @@ class SagaRun:
         """Write the entry that precedes a step body: durably if earlier entries are still
         queued (they commit with it) or if this worker's lease may have lapsed (the durable
         write is fenced), else without waiting."""
-        self._check_broken()
+        self.check_broken()
         if self._unflushed or not self.store.lease_held():
-            await self._write(kind, **fields)
+            await self.write(kind, **fields)
         else:
-            self._write_soon(kind, **fields)
+            self.write_soon(kind, **fields)
 
-    def _check_broken(self) -> None:
+    def check_broken(self) -> None:
         """Once a write failed, the journal is the only truth: this run must not go on, even if
         the workflow caught the error; the runner resumes the saga from its journal."""
         if self._broken is not None:
             raise self._broken
 
+    # -- time --------------------------------------------------------------------------------
+
+    def earliest_now(self) -> float:
+        """The store clock's lower bound now: a time is past only once this reaches it."""
+        return self.store.clock_bounds()[0]
+
+    def latest_now(self) -> float:
+        """The store clock's upper bound now: a delay counts from here."""
+        return self.store.clock_bounds()[1]
+
     # -- the whole saga ----------------------------------------------------------------------
 
     async def execute(self) -> SagaState:
-        """Run (or resume) the saga to its next resting state and return that state."""
+        """Run (or resume) the saga to its next resting or waiting state and return it."""
+        try:
+            return await self._execute()
+        except Suspend as wait:
+            self.check_broken()
+            return await self._suspend(wait)
+
+    async def _execute(self) -> SagaState:
         ctx = WorkflowContext(self)
-        self._replay_only = self._compensating
+        self.replay_only = self._compensating
         try:
             output = await self.saga.run()(ctx, self.data)
         except NonDeterminismError as exc:
-            self._check_broken()
+            self.check_broken()
             return await self._park(exc)
-        except _ReplayExhausted:
+        except ReplayExhausted:
             return await self._compensate(None)
+        except Suspend:
+            raise
         except Exception as exc:
-            self._check_broken()  # a store error is no business failure: do not compensate
+            self.check_broken()  # a store error is no business failure: do not compensate
+            if self._pivot is not None and not self._compensating:
+                return await self._park(PastPivot(self.saga_id, self._pivot, exc))
             return await self._compensate(exc)
-        self._check_broken()
-        if self._compensating:
+        self.check_broken()
+        if self._compensating or self._cancel is not None:
             return await self._compensate(None)
         try:
             payload = encode(output, what=f"the output of saga {self.saga.name!r}")
         except NotSerializable as exc:
             return await self._compensate(exc)
-        await self._write(Kind.SAGA_COMPLETED, payload=payload)
+        await self.write(Kind.SAGA_COMPLETED, payload=payload)
         self.output = payload
         return SagaState.COMPLETED
 
     async def replay(self) -> NonDeterminismError | None:
         """Run the workflow against the journal only, writing nothing, and return the
         non-determinism a real resume would meet (None if it would replay cleanly)."""
-        self._replay_only = True
+        self.replay_only = True
         try:
             await self.saga.run()(WorkflowContext(self), self.data)
         except NonDeterminismError as exc:
             return exc
-        except _ReplayExhausted:
+        except (ReplayExhausted, Suspend):
             return None
         except Exception:  # a recorded failure raised again, as on a real resume
             return None
@@ -205,36 +271,86 @@ class SagaRun:
 
     async def _park(self, exc: Exception) -> SagaState:
         log.error("saga %s needs attention: %s", self.saga_id, exc)
-        await self._write(Kind.SAGA_PARKED, error=error_info(exc))
+        await self.write(Kind.SAGA_PARKED, error=error_info(exc))
         return SagaState.NEEDS_ATTENTION
+
+    async def _suspend(self, wait: Suspend) -> SagaState:
+        until = wait.until if self.deadline is None else min(wait.until, self.deadline)
+        # The store commits the entries still queued first (see Store.suspend).
+        # A cancel request (one per saga) wakes it, unless it already knows of one.
+        wait.signals.setdefault(CANCEL_SIGNAL, 1 if self.cancel_known else 0)
+        await self.store.suspend(self.saga_id, until, wait.signals, wait.children)
+        self.wake_at = until
+        return SagaState.COMPENSATING if self._compensating else SagaState.RUNNING
+
+    # -- cancellation ------------------------------------------------------------------------
+
+    def request_cancel(self, reason: str) -> None:
+        """Cancel the saga at its next step, wait or compensation (see App.cancel)."""
+        self.cancel_known = True
+        if self._cancel is None:
+            self._cancel_pending = reason
+
+    async def take_cancel(self) -> str | None:
+        """The reason the saga is cancelled, journaling a pending request first; None if it
+        is not, or if it is past its pivot (a cancellation can no longer undo it)."""
+        reason = self._cancel if self._cancel is not None else self._cancel_pending
+        if reason is None:
+            return None
+        if self._pivot is not None:
+            log.warning("saga %s ignores its cancellation: it is past its pivot %r",
+                        self.saga_id, self._pivot)  # fmt: skip
+            self._cancel_pending = None
+            return None
+        if self._cancel is None:
+            await self.write(Kind.CANCEL_REQUESTED, data={"reason": reason})
+            self._cancel = reason
+        return reason
+
+    async def cancel_point(self) -> None:
+        """Where the workflow is about to start something new: raise :class:`SagaCancelled`
+        if the saga is cancelled. Something already started runs to its outcome first, so
+        that it is compensated if it completed."""
+        reason = await self.take_cancel()
+        if reason is not None:
+            raise SagaCancelled(self.saga_id, reason)
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _next(self, name: str) -> tuple[int, str]:
-        seq = self._seq
-        self._seq += 1
+    def next(self, name: str) -> tuple[int, str]:
+        seq = self.seq_counter
+        self.seq_counter += 1
         n = self._names.get(name, 0) + 1
         self._names[name] = n
         return seq, name if n == 1 else f"{name}#{n}"
 
+    def mismatch(self, seq: int, got: str) -> NonDeterminismError | None:
+        """The non-determinism of calling ``got`` at ``seq``, or None if the journal agrees."""
+        rec = self.recorded.get(seq)
+        if rec is not None:
+            recorded = identity(rec)
+        elif seq in self.in_flight:
+            recorded = f"step {self.in_flight[seq]!r}"
+        elif seq in self.waits:
+            recorded = identity(self.waits[seq])
+        else:
+            return None
+        return None if recorded == got else NonDeterminismError(self.saga_id, seq, recorded, got)
+
     def record_value(self, name: str, make: Callable[[], T]) -> T:
         """Return the value recorded at this point of the journal, or make and record one."""
-        self._check_broken()
-        seq, _ = self._next(f"ctx.{name}")
-        rec = self._recorded.get(seq)
+        self.check_broken()
+        seq, _ = self.next(f"ctx.{name}")
+        if (problem := self.mismatch(seq, f"ctx.{name}()")) is not None:
+            raise problem
+        rec = self.recorded.get(seq)
         if rec is not None:
-            recorded = (rec.data or {}).get("name") if rec.kind is Kind.VALUE_RECORDED else rec.step
-            if recorded != name:
-                raise NonDeterminismError(self.saga_id, seq, f"{recorded!r}", f"ctx.{name}()")
             value: T = (rec.data or {})["value"]
             return value
-        if seq in self._in_flight:
-            got = f"ctx.{name}()"
-            raise NonDeterminismError(self.saga_id, seq, f"step {self._in_flight[seq]!r}", got)
-        if self._replay_only:
-            raise _ReplayExhausted
+        if self.replay_only:
+            raise ReplayExhausted
         value = make()
-        self._write_soon(Kind.VALUE_RECORDED, seq=seq, data={"name": name, "value": value})
+        self.write_soon(Kind.VALUE_RECORDED, seq=seq, data={"name": name, "value": value})
         return value
 
     async def step(
@@ -247,74 +363,112 @@ class SagaRun:
         retry: RetryPolicy | None,
         compensate_retry: RetryPolicy | None,
         timeout: float | None,
+        kind: StepKind = StepKind.COMPENSATABLE,
     ) -> Any:
-        self._check_broken()
-        seq, name = self._next(name)
-        done = _Done(
+        self.check_broken()
+        seq, name = self.next(name)
+        done = Done(
             seq=seq,
             name=name,
             compensate=compensate,
             policy=compensate_retry or DEFAULT_COMPENSATION_RETRY,
             timeout=timeout,
             data=data,
-            result=None,
+            kind=kind,
+            group=GROUP.get(),
         )
-        rec = self._recorded.get(seq)
+        if (problem := self.mismatch(seq, f"step {name!r}")) is not None:
+            raise problem
+        rec = self.recorded.get(seq)
         if rec is not None:
-            if rec.kind is Kind.VALUE_RECORDED or rec.step != name:
-                got = (rec.data or {}).get("name") if rec.kind is Kind.VALUE_RECORDED else rec.step
-                raise NonDeterminismError(self.saga_id, seq, f"step {got!r}", f"step {name!r}")
             if rec.kind is Kind.STEP_FAILED:
                 raise StepFailed(self.saga_id, name, rec.attempt or 1, rec.error or {})
-            return self._completed(done, decode(rec.payload, _return_hint(action)))
-        started = self._in_flight.get(seq)
-        if started is not None and started != name:
-            raise NonDeterminismError(self.saga_id, seq, f"step {started!r}", f"step {name!r}")
-        if self._replay_only:
-            self._check_deadline(name)
-            raise _ReplayExhausted
-        return await self._run_step(action, done, retry or NO_RETRY)
+            return self.completed(done, decode(rec.payload, calls.return_hint(action)))
+        if self.replay_only:
+            self.check_deadline(name)
+            raise ReplayExhausted
+        if seq not in self.in_flight:  # an in-flight step runs to its outcome first
+            await self.cancel_point()
+            self._check_kind(done)
+        return await self._run_step(action, done, retry_for(kind, retry))
 
-    def _completed(self, done: _Done, result: Any) -> Any:
+    def _check_kind(self, done: Done) -> None:
+        if done.kind is StepKind.COMPENSATABLE and done.compensate is not None and self._pivot:
+            raise InvalidStep(
+                self.saga.name,
+                done.name,
+                f"it has a compensation but runs after {self._pivot!r}, past the point of no "
+                "return, where nothing is compensated; mark it retriable=True or move it earlier",
+            )
+        if done.kind is StepKind.RETRIABLE:
+            self._pivot = self._pivot or done.name
+
+    def completed(self, done: Done, result: Any) -> Any:
         done.result = result
-        self._done[done.seq] = done
+        self.done_steps[done.seq] = done
         self.results[done.name] = result
+        if done.kind is not StepKind.COMPENSATABLE:
+            self._pivot = self._pivot or done.name
         return result
 
-    def _check_deadline(self, name: str) -> None:
-        if self.deadline is not None and time.time() >= self.deadline:
+    def check_deadline(self, name: str) -> None:
+        if self.deadline is not None and self.earliest_now() >= self.deadline:
             raise SagaDeadlineExceeded(self.saga_id, name, self.deadline)
 
-    async def _run_step(self, action: Action, done: _Done, policy: RetryPolicy) -> Any:
+    def _step_data(self, done: Done) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if done.group is not None:
+            data["group"] = done.group
+        if done.kind is not StepKind.COMPENSATABLE:
+            data["kind"] = done.kind.value
+        return data
+
+    async def _run_step(self, action: Action, done: Done, policy: RetryPolicy) -> Any:
         seq, name = done.seq, done.name
         attempt = self._resume_attempts.pop(seq, 1)
+        recorded = self.started_data.pop(seq, {})
+        extra = self._step_data(done)
         while True:
-            self._check_deadline(name)
-            await self._before_effect(Kind.STEP_STARTED, seq=seq, step=name, attempt=attempt)
-            ctx = self._context(name, attempt, f"{self.saga_id}/{name}")
+            self.check_deadline(name)
+            ends: float | None = None
+            if done.timeout is not None:
+                # A re-run of an attempt started before a crash keeps its original deadline.
+                ends = recorded.get("ends") or self.latest_now() + done.timeout
+                recorded = {}
+            fields = {**extra, "ends": ends} if ends is not None else extra
+            await self._before_effect(Kind.STEP_STARTED, seq=seq, step=name, attempt=attempt,
+                                      data=fields or None)  # fmt: skip
+            ctx = self.context(name, attempt, f"{self.saga_id}/{name}")
+            info = StepCall(saga_id=self.saga_id, saga_type=self.saga.name, step=name,
+                            attempt=attempt, compensation=False, data=done.data,
+                            kind=done.kind)  # fmt: skip
             try:
-                result = await self._call(action, ctx, (done.data,), done.timeout, policy)
+                result = await self._call(action, ctx, (done.data,), info=info,
+                                          timeout=done.timeout, ends=ends,
+                                          of=policy.max_attempts)  # fmt: skip
                 payload = encode(result, what=f"the result of step {name!r}")
             except Exception as exc:
+                self.check_broken()
                 if not isinstance(exc, NotSerializable) and policy.should_retry(exc, attempt):
                     delay = policy.delay(attempt)
                     log.warning("step %s of saga %s failed (attempt %d): %s; retrying in %.3fs",
                                 name, self.saga_id, attempt, exc, delay)  # fmt: skip
-                    await self._write(Kind.STEP_RETRYING, seq=seq, step=name, attempt=attempt,
-                                      error=error_info(exc), data={"retry_in": delay})  # fmt: skip
-                    await asyncio.sleep(delay)
+                    await self.write(Kind.STEP_RETRYING, seq=seq, step=name, attempt=attempt,
+                                     error=error_info(exc), data={"retry_in": delay})  # fmt: skip
+                    await self.clock.sleep(delay)
                     attempt += 1
                     continue
                 err = error_info(exc)
-                await self._write(Kind.STEP_FAILED, seq=seq, step=name, attempt=attempt, error=err)
+                await self.write(Kind.STEP_FAILED, seq=seq, step=name, attempt=attempt, error=err,
+                                 data=extra or None)  # fmt: skip
                 raise StepFailed(self.saga_id, name, attempt, err) from exc
             # Durable before the next step body runs or the saga ends: see _before_effect.
-            self._write_soon(Kind.STEP_COMPLETED, seq=seq, step=name, attempt=attempt,
-                             payload=payload)  # fmt: skip
+            self.write_soon(Kind.STEP_COMPLETED, seq=seq, step=name, attempt=attempt,
+                            payload=payload, data=extra or None)  # fmt: skip
             # Hand back the decoded copy, so the live run sees exactly what a replay will.
-            return self._completed(done, decode(payload, _return_hint(action)))
+            return self.completed(done, decode(payload, calls.return_hint(action)))
 
-    def _context(self, name: str, attempt: int, key: str) -> StepContext:
+    def context(self, name: str, attempt: int, key: str) -> StepContext:
         return StepContext(
             saga_id=self.saga_id,
             saga_type=self.saga.name,
@@ -329,25 +483,16 @@ class SagaRun:
         fn: Callable[..., Any],
         ctx: StepContext,
         args: tuple[Any, ...],
+        *,
+        info: StepCall,
         timeout: float | None,
-        policy: RetryPolicy,
+        ends: float | None,
+        of: int,
     ) -> Any:
-        if _is_async(fn):
-            awaitable = fn(ctx, *args)
-        else:
-            loop = asyncio.get_running_loop()
-            awaitable = loop.run_in_executor(self.executor, functools.partial(fn, ctx, *args))
-        if timeout is None:
-            return await awaitable
-        try:
-            async with asyncio.timeout(timeout) as scope:
-                return await awaitable
-        except TimeoutError as exc:
-            if not scope.expired():
-                raise  # the step's own TimeoutError, not ours
-            raise StepTimedOut(
-                self.saga_id, ctx.step, after=timeout, attempt=ctx.attempt, of=policy.max_attempts
-            ) from exc
+        remaining = None if ends is None else ends - self.earliest_now()
+        return await calls.call(fn, ctx, args, executor=self.executor, clock=self.clock,
+                                middleware=self.middleware, info=info, remaining=remaining,
+                                timeout=timeout or 0.0, of=of)  # fmt: skip
 
     # -- compensation ------------------------------------------------------------------------
 
@@ -355,66 +500,134 @@ class SagaRun:
         if not self._compensating:
             err = error_info(exc) if exc is not None else None
             log.info("saga %s compensating: %s", self.saga_id, exc)
-            await self._write(Kind.SAGA_COMPENSATING, error=err)
+            await self.write(Kind.SAGA_COMPENSATING, error=err)
             self._compensating = True
-        for seq, name in reversed(self._completion_order()):
-            if seq in self._compensated:
-                continue
-            done = self._done.get(seq)
-            if done is None:
+        for batch in self._batches():
+            missing = [name for seq, name in batch if seq not in self.done_steps]
+            if missing:
                 why = "no step (the replay ended before it)"
-                return await self._park(
-                    NonDeterminismError(self.saga_id, seq, f"step {name!r}", why)
-                )
-            if done.compensate is not None and not await self._compensate_one(done):
+                seq = next(seq for seq, _ in batch if seq not in self.done_steps)
+                problem = NonDeterminismError(self.saga_id, seq, f"step {missing[0]!r}", why)
+                return await self._park(problem)
+            todo = [self.done_steps[seq] for seq, _ in batch]
+            failures = await self._compensate_batch(todo)
+            if failures:
+                done, failure = failures[0]
+                log.error("saga %s needs attention: compensation of %s failed: %s",
+                          self.saga_id, done.name, failure)  # fmt: skip
+                await self.write(Kind.COMPENSATION_EXHAUSTED, seq=done.seq, step=done.name,
+                                 attempt=self.compensation_attempts.get(done.seq, 1),
+                                 error=error_info(failure),
+                                 data={"owed": self._owed()})  # fmt: skip
                 return SagaState.NEEDS_ATTENTION
-        await self._write(Kind.SAGA_FAILED)
+        if self._cancel is not None:
+            await self.write(Kind.SAGA_CANCELLED, data={"reason": self._cancel})
+            return SagaState.CANCELLED
+        await self.write(Kind.SAGA_FAILED)
         return SagaState.FAILED
 
-    def _completion_order(self) -> list[tuple[int, str]]:
-        """(seq, name) of completed steps in order of completion: the journal's, then ours."""
-        order = [(c.seq, c.step) for c in self._journal_completed]
-        known = {seq for seq, _ in order}
-        order += [(seq, d.name) for seq, d in self._done.items() if seq not in known]
+    def _batches(self) -> list[list[tuple[int, str]]]:
+        """Completed steps still owed a compensation, in the order to compensate them: reverse
+        completion order, the steps of one parallel group together in one batch."""
+        batches: list[list[tuple[int, str]]] = []
+        last: int | None = None
+        for seq, name, group in reversed(self._completion_order()):
+            if seq in self.compensated:
+                continue
+            done = self.done_steps.get(seq)
+            if done is not None and done.compensate is None and done.child is None:
+                continue
+            if group is not None and group == last and batches:
+                batches[-1].append((seq, name))
+            else:
+                batches.append([(seq, name)])
+            last = group
+        return batches
+
+    def _completion_order(self) -> list[tuple[int, str, int | None]]:
+        """(seq, name, group) of completed steps in order of completion: the journal's, then
+        ours."""
+        order = [(c.seq, c.step, (c.data or {}).get("group")) for c in self._journal_completed]
+        known = {seq for seq, _, _ in order}
+        order += [(seq, d.name, d.group) for seq, d in self.done_steps.items() if seq not in known]
         return order
 
     def _owed(self) -> list[str]:
-        return [
-            name
-            for seq, name in reversed(self._completion_order())
-            if seq not in self._compensated
-            and (seq not in self._done or self._done[seq].compensate is not None)
-        ]
+        return [name for batch in self._batches() for _, name in batch]
 
-    async def _compensate_one(self, done: _Done) -> bool:
+    async def _compensate_batch(self, todo: list[Done]) -> list[tuple[Done, Exception]]:
+        """Compensate ``todo`` concurrently (one task each if several); return the failures.
+        All of them finish before a wait (:class:`Suspend`) or an error goes further."""
+        if len(todo) == 1:
+            err = await self._compensate_one(todo[0])
+            return [] if err is None else [(todo[0], err)]
+        tasks = [asyncio.ensure_future(self._compensate_one(d)) for d in todo]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        waits = [t.exception() for t in tasks if isinstance(t.exception(), Suspend)]
+        for t in tasks:
+            exc = t.exception()
+            if exc is not None and not isinstance(exc, Suspend):
+                raise exc
+        if waits:
+            merged = waits[0]
+            assert isinstance(merged, Suspend)
+            for w in waits[1:]:
+                assert isinstance(w, Suspend)
+                merged = merged.merge(w)
+            raise merged
+        return [(d, err) for d, t in zip(todo, tasks, strict=True) if (err := t.result())]
+
+    async def _compensate_one(self, done: Done) -> Exception | None:
+        if done.child is not None:
+            from sagakit.children import compensate_child
+
+            return await compensate_child(self, done)
         assert done.compensate is not None
         policy = done.policy
-        attempt = self._compensation_attempts.get(done.seq, 0)
+        attempt = self.compensation_attempts.get(done.seq, 0)
         key = f"{self.saga_id}/{done.name}/compensate"
         while True:
             attempt += 1
-            await self._write(Kind.COMPENSATION_STARTED, seq=done.seq, step=done.name,
-                              attempt=attempt)  # fmt: skip
-            ctx = self._context(done.name, attempt, key)
+            self.compensation_attempts[done.seq] = attempt
+            await self.write(Kind.COMPENSATION_STARTED, seq=done.seq, step=done.name,
+                             attempt=attempt)  # fmt: skip
+            ctx = self.context(done.name, attempt, key)
+            info = StepCall(saga_id=self.saga_id, saga_type=self.saga.name, step=done.name,
+                            attempt=attempt, compensation=True, data=done.data,
+                            result=done.result, kind=done.kind)  # fmt: skip
+            ends = None if done.timeout is None else self.latest_now() + done.timeout
             try:
-                await self._call(done.compensate, ctx, (done.data, done.result), done.timeout,
-                                 policy)  # fmt: skip
+                await self._call(done.compensate, ctx, (done.data, done.result), info=info,
+                                 timeout=done.timeout, ends=ends,
+                                 of=policy.max_attempts)  # fmt: skip
             except Exception as exc:
+                self.check_broken()
                 if policy.should_retry(exc, attempt):
                     delay = policy.delay(attempt)
-                    await self._write(Kind.COMPENSATION_RETRYING, seq=done.seq, step=done.name,
-                                      attempt=attempt, error=error_info(exc),
-                                      data={"retry_in": delay})  # fmt: skip
-                    await asyncio.sleep(delay)
+                    await self.write(Kind.COMPENSATION_RETRYING, seq=done.seq, step=done.name,
+                                     attempt=attempt, error=error_info(exc),
+                                     data={"retry_in": delay})  # fmt: skip
+                    await self.clock.sleep(delay)
                     continue
-                owed = self._owed()
-                log.error("saga %s needs attention: compensation of %s failed: %s",
-                          self.saga_id, done.name, exc)  # fmt: skip
-                await self._write(Kind.COMPENSATION_EXHAUSTED, seq=done.seq, step=done.name,
-                                  attempt=attempt, error=error_info(exc),
-                                  data={"owed": owed})  # fmt: skip
-                return False
-            await self._write(Kind.COMPENSATION_COMPLETED, seq=done.seq, step=done.name,
-                              attempt=attempt)  # fmt: skip
-            self._compensated.add(done.seq)
-            return True
+                return exc
+            await self.write(Kind.COMPENSATION_COMPLETED, seq=done.seq, step=done.name,
+                             attempt=attempt)  # fmt: skip
+            self.compensated.add(done.seq)
+            return None
+
+
+def identity(e: Entry) -> str:
+    """What a journal entry records, in the words a replay mismatch reports."""
+    data = e.data or {}
+    if e.kind is Kind.VALUE_RECORDED:
+        return f"ctx.{data.get('name')}()"
+    if e.kind in (Kind.TIMER_STARTED, Kind.TIMER_FIRED):
+        return "ctx.sleep()"
+    if e.kind in (Kind.SIGNAL_WAITING, Kind.SIGNAL_RECEIVED, Kind.SIGNAL_TIMED_OUT):
+        return f"ctx.wait_for_signal({data.get('name')!r})"
+    return f"step {e.step!r}"

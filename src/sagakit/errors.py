@@ -12,7 +12,7 @@
     │   └── DuplicateSagaType
     ├── UnknownSagaType               start() of a type that was never registered
     ├── SagaNotFound                  get/retry/resolve of an id the store does not have
-    ├── InvalidSagaState              retry/resolve of a saga that is not in the right state
+    ├── InvalidSagaState              retry/resolve/cancel/signal of a saga in the wrong state
     ├── AppClosed                     the App closed while a caller waited for a saga
     ├── PayloadError
     │   ├── NotSerializable           a value that cannot be stored as JSON
@@ -29,7 +29,10 @@
     ├── SagaDeadlineExceeded          the saga's deadline passed before a step could start
     ├── NonDeterminismError           a replay called a different step than the journal recorded
     ├── RecoveryLimitExceeded         a saga was taken over from dead workers too often
-    └── SagaFailed                    SagaHandle.result() of a saga that did not complete
+    ├── SagaFailed                    SagaHandle.result() of a saga that did not complete
+    ├── SagaCancelled                 raised inside a cancelled workflow where it would go on
+    ├── SignalTimedOut                ctx.wait_for_signal() timed out
+    └── PastPivot                     a saga failed after its point of no return
 """
 
 from __future__ import annotations
@@ -261,3 +264,37 @@ class SagaFailed(SagakitError):
         self.saga_id, self.state, self.error = saga_id, state, error
         detail = f": {error.get('type')}: {error.get('message')}" if error else ""
         super().__init__(f"saga {saga_id} ended {state}{detail}")
+
+
+class SagaCancelled(SagakitError):
+    """Raised inside a workflow that was cancelled, where it would start something new; the
+    saga then compensates its completed steps and ends ``cancelled``."""
+
+    def __init__(self, saga_id: str, reason: str) -> None:
+        self.saga_id, self.reason = saga_id, reason
+        super().__init__(f"saga {saga_id} was cancelled: {reason or 'no reason given'}")
+
+
+class SignalTimedOut(SagakitError):
+    """``await ctx.wait_for_signal(name, timeout=...)`` saw no signal in time."""
+
+    def __init__(self, saga_id: str, name: str, after: float | None) -> None:
+        self.saga_id, self.name, self.after = saga_id, name, after
+        super().__init__(
+            f"saga {saga_id} waited {after} s for signal {name!r} and none came; catch "
+            "SignalTimedOut in the workflow to go on, or let it compensate the saga"
+        )
+
+
+class PastPivot(SagakitError):
+    """A saga failed after its pivot (or in a retriable step): it cannot be compensated."""
+
+    def __init__(self, saga_id: str, pivot: str, cause: BaseException) -> None:
+        self.saga_id, self.pivot = saga_id, pivot
+        self.cause_type = type(cause).__name__
+        super().__init__(
+            f"saga {saga_id} failed after its point of no return {pivot!r} "
+            f"({self.cause_type}: {cause}); steps past the pivot are retried, never "
+            "compensated. Fix the cause, then `sagakit retry` it to go forward, or "
+            "`sagakit resolve` it"
+        )

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sagakit.codec import decode
 from sagakit.errors import SagaFailed
 from sagakit.journal import SagaState
-from sagakit.store.base import SagaRecord
+from sagakit.store.base import WAIT_FOREVER, SagaRecord
 
 if TYPE_CHECKING:
     from sagakit.app import App
@@ -37,6 +37,9 @@ class SagaInfo:
     created_at: datetime
     updated_at: datetime
     deadline: datetime | None
+    parent_id: str | None = None  # the saga that started this one as a child
+    waiting: bool = False  # unloaded while it waits for a timer, a signal or a child saga
+    wake_at: datetime | None = None  # when that wait times out, if it does
 
     @property
     def input(self) -> Any:
@@ -61,6 +64,9 @@ class SagaInfo:
             created_at=_local(r.created_at),
             updated_at=_local(r.updated_at),
             deadline=None if r.deadline is None else _local(r.deadline),
+            parent_id=r.parent_id,
+            waiting=r.wake_at is not None,
+            wake_at=None if r.wake_at is None or r.wake_at >= WAIT_FOREVER else _local(r.wake_at),
         )
 
 
@@ -82,6 +88,14 @@ class SagaHandle:
 
     async def status(self) -> SagaInfo:
         return await self.app.get(self.id)
+
+    async def signal(self, name: str, payload: Any = None, *, signal_id: str | None = None) -> bool:
+        """Send the saga a signal; see :meth:`App.signal`."""
+        return await self.app.signal(self.id, name, payload, signal_id=signal_id)
+
+    async def cancel(self, reason: str = "") -> None:
+        """Cancel the saga; see :meth:`App.cancel`."""
+        await self.app.cancel(self.id, reason=reason)
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait until the saga stops moving and return its output.

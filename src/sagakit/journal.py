@@ -43,6 +43,13 @@ class Kind(enum.StrEnum):
     SAGA_PARKED = "saga_parked"
     OPERATOR_RETRY = "operator_retry"
     OPERATOR_RESOLVED = "operator_resolved"
+    TIMER_STARTED = "timer_started"
+    TIMER_FIRED = "timer_fired"
+    SIGNAL_WAITING = "signal_waiting"
+    SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_TIMED_OUT = "signal_timed_out"
+    CANCEL_REQUESTED = "cancel_requested"
+    SAGA_CANCELLED = "saga_cancelled"
 
 
 # The state each kind moves the saga to; None leaves it where it is.
@@ -63,6 +70,13 @@ TRANSITIONS: dict[Kind, SagaState | None] = {
     Kind.SAGA_PARKED: SagaState.NEEDS_ATTENTION,
     Kind.OPERATOR_RETRY: None,  # resolved by the entry's ``resume`` field, see project()
     Kind.OPERATOR_RESOLVED: SagaState.FAILED,
+    Kind.TIMER_STARTED: SagaState.RUNNING,
+    Kind.TIMER_FIRED: SagaState.RUNNING,
+    Kind.SIGNAL_WAITING: SagaState.RUNNING,
+    Kind.SIGNAL_RECEIVED: SagaState.RUNNING,
+    Kind.SIGNAL_TIMED_OUT: SagaState.RUNNING,
+    Kind.CANCEL_REQUESTED: None,  # or the entry's ``resume`` state, for a parked saga
+    Kind.SAGA_CANCELLED: SagaState.CANCELLED,
 }
 
 
@@ -92,6 +106,7 @@ class CompletedStep:
     seq: int
     step: str
     payload: str | None
+    data: dict[str, Any] | None = None  # {"group": n} in a parallel group, {"child": id}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -112,8 +127,12 @@ class Projection:
     compensation_attempts: dict[int, int] = field(default_factory=dict)
     started: set[tuple[int, int]] = field(default_factory=set)
     started_names: dict[int, str] = field(default_factory=dict)  # seq -> step started there
+    started_data: dict[int, dict[str, Any]] = field(default_factory=dict)  # seq -> its data
     step_starts: int = 0
     reruns: int = 0
+    waits: dict[int, Entry] = field(default_factory=dict)  # seq -> timer/signal wait entry
+    signal_ids: set[str] = field(default_factory=set)  # signals already delivered
+    cancel: Entry | None = None  # the cancel request, once the saga took it
 
     def owed(self) -> list[CompletedStep]:
         """Completed steps not yet compensated, in the order they must be compensated."""
@@ -124,6 +143,9 @@ def state_after(e: Entry) -> SagaState | None:
     """The state entry ``e`` moves its saga to, or None if it leaves the state alone."""
     if e.kind is Kind.OPERATOR_RETRY:
         return SagaState((e.data or {}).get("resume", SagaState.COMPENSATING))
+    if e.kind is Kind.CANCEL_REQUESTED:
+        resume = (e.data or {}).get("resume")
+        return None if resume is None else SagaState(resume)
     return TRANSITIONS[e.kind]
 
 
@@ -137,13 +159,18 @@ def _apply_step(p: Projection, e: Entry) -> None:
         p.started.add((e.seq, attempt))
         p.started_names[e.seq] = e.step or ""
         p.attempts[e.seq] = attempt
+        if e.data:
+            p.started_data[e.seq] = e.data
     elif e.kind is Kind.STEP_RETRYING:
         p.attempts[e.seq] = (e.attempt or 1) + 1
+        p.started_data.pop(e.seq, None)
     elif e.kind in (Kind.STEP_COMPLETED, Kind.STEP_FAILED, Kind.VALUE_RECORDED):
         p.outcomes[e.seq] = e
         p.attempts.pop(e.seq, None)
         if e.kind is Kind.STEP_COMPLETED:
-            p.completed.append(CompletedStep(seq=e.seq, step=e.step or "", payload=e.payload))
+            p.completed.append(
+                CompletedStep(seq=e.seq, step=e.step or "", payload=e.payload, data=e.data)
+            )
 
 
 def _apply_compensation(p: Projection, e: Entry) -> None:
@@ -152,6 +179,19 @@ def _apply_compensation(p: Projection, e: Entry) -> None:
         p.compensation_attempts[e.seq] = e.attempt or 1
     elif e.kind is Kind.COMPENSATION_COMPLETED:
         p.compensated.add(e.seq)
+
+
+WAITS = frozenset({Kind.TIMER_STARTED, Kind.SIGNAL_WAITING})
+
+
+def _apply_wait(p: Projection, e: Entry) -> None:
+    assert e.seq is not None
+    if e.kind in WAITS:
+        p.waits[e.seq] = e
+        return
+    p.outcomes[e.seq] = e
+    if e.kind is Kind.SIGNAL_RECEIVED:
+        p.signal_ids.add(str((e.data or {}).get("signal_id")))
 
 
 _STEP_KINDS = frozenset(
@@ -163,6 +203,9 @@ _STEP_KINDS = frozenset(
         Kind.VALUE_RECORDED,
     }
 )
+
+
+_WAIT_KINDS = WAITS | {Kind.TIMER_FIRED, Kind.SIGNAL_RECEIVED, Kind.SIGNAL_TIMED_OUT}
 
 
 def apply(p: Projection, e: Entry) -> None:
@@ -180,6 +223,10 @@ def apply(p: Projection, e: Entry) -> None:
         _apply_step(p, e)
     elif kind in (Kind.COMPENSATION_STARTED, Kind.COMPENSATION_COMPLETED):
         _apply_compensation(p, e)
+    elif kind in _WAIT_KINDS:
+        _apply_wait(p, e)
+    elif kind is Kind.CANCEL_REQUESTED:
+        p.cancel = e
     elif kind is Kind.SAGA_COMPLETED:
         p.output = e.payload
     if e.error is not None:
@@ -203,6 +250,10 @@ PROGRESS = frozenset(
         Kind.COMPENSATION_COMPLETED,
         Kind.SAGA_COMPLETED,
         Kind.SAGA_FAILED,
+        Kind.SAGA_CANCELLED,
+        Kind.TIMER_FIRED,
+        Kind.SIGNAL_RECEIVED,
+        Kind.SIGNAL_TIMED_OUT,
     }
 )
 

@@ -24,8 +24,16 @@ class TimelineRow:
     detail: str = ""
 
 
-_OPENS = {Kind.STEP_STARTED: "step", Kind.COMPENSATION_STARTED: "undo"}
+_OPENS = {
+    Kind.STEP_STARTED: "step",
+    Kind.COMPENSATION_STARTED: "undo",
+    Kind.TIMER_STARTED: "wait",
+    Kind.SIGNAL_WAITING: "wait",
+}
 _CLOSES = {
+    Kind.TIMER_FIRED: ("wait", "fired"),
+    Kind.SIGNAL_RECEIVED: ("wait", "received"),
+    Kind.SIGNAL_TIMED_OUT: ("wait", "timed out"),
     Kind.STEP_RETRYING: ("step", "retrying"),
     Kind.STEP_COMPLETED: ("step", "completed"),
     Kind.STEP_FAILED: ("step", "failed"),
@@ -42,6 +50,8 @@ _EVENTS = {
     Kind.SAGA_PARKED: "needs attention",
     Kind.OPERATOR_RETRY: "operator retry",
     Kind.OPERATOR_RESOLVED: "resolved by operator",
+    Kind.CANCEL_REQUESTED: "cancel requested",
+    Kind.SAGA_CANCELLED: "saga cancelled, compensated",
 }
 _INTERRUPTED = "interrupted"
 
@@ -55,6 +65,10 @@ def _detail(e: Entry) -> str:
         parts.append(f"retry in {data['retry_in']:.3f} s")
     if e.kind is Kind.VALUE_RECORDED:
         parts.append(f"ctx.{data.get('name')}() = {data.get('value')!r}")
+    if "reason" in data:
+        parts.append(f"reason: {data['reason']}")
+    if "child" in data:
+        parts.append(f"child saga {data['child']}")
     if "note" in data:
         parts.append(str(data["note"]))
     if "owed" in data:
@@ -71,16 +85,17 @@ def timeline(entries: Sequence[Entry], *, active: bool) -> list[TimelineRow]:
     for e in entries:
         if e.kind in _OPENS:
             lane = _OPENS[e.kind]
-            if (old := running.get((lane, e.seq))) is not None:
+            if (old := running.get((lane, e.seq))) is not None and lane != "wait":
                 old.outcome, old.detail = _INTERRUPTED, "re-run after recovery"
-            row = TimelineRow(
-                at=e.at, what=_label(lane, e.step), attempt=e.attempt, outcome="running"
-            )
+            what = _wait_label(e) if lane == "wait" else _label(lane, e.step)
+            outcome = "waiting" if lane == "wait" else "running"
+            row = TimelineRow(at=e.at, what=what, attempt=e.attempt, outcome=outcome)
             running[(lane, e.seq)] = row
         elif e.kind in _CLOSES:
             lane, outcome = _CLOSES[e.kind]
             found = running.pop((lane, e.seq), None)
-            row = found or TimelineRow(at=e.at, what=_label(lane, e.step), attempt=e.attempt)
+            what = _wait_label(e) if lane == "wait" else _label(lane, e.step)
+            row = found or TimelineRow(at=e.at, what=what, attempt=e.attempt)
             row.outcome, row.took, row.detail = outcome, e.at - row.at, _detail(e)
             if found is not None:
                 continue
@@ -95,3 +110,10 @@ def timeline(entries: Sequence[Entry], *, active: bool) -> list[TimelineRow]:
 
 def _label(lane: str, step: str | None) -> str:
     return f"↩ {step}" if lane == "undo" else str(step)
+
+
+def _wait_label(e: Entry) -> str:
+    data = e.data or {}
+    if e.kind in (Kind.TIMER_STARTED, Kind.TIMER_FIRED):
+        return "⏱ sleep"
+    return f"✉ signal {data.get('name')!r}"

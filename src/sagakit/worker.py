@@ -20,6 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from sagakit.clock import SYSTEM_CLOCK, Clock
 from sagakit.codec import decode, error_info
 from sagakit.definition import Saga
 from sagakit.engine import SagaRun
@@ -30,7 +31,8 @@ from sagakit.errors import (
     RecoveryLimitExceeded,
     StoreError,
 )
-from sagakit.journal import Entry, Kind, SagaState
+from sagakit.journal import TERMINAL, Entry, Kind, SagaState
+from sagakit.middleware import Middleware
 from sagakit.store.base import SagaRecord, Store, TypeCap
 
 log = logging.getLogger("sagakit.worker")
@@ -59,7 +61,7 @@ _AT_REST = frozenset(
     }
 )
 
-Resolve = Callable[[str, int], Saga | None]
+Resolve = Callable[[str, int | None], Saga | None]
 # The capped saga types: type -> (cluster-wide cap, per-worker cap)
 Caps = Callable[[], dict[str, tuple[int | None, int | None]]]
 
@@ -82,6 +84,9 @@ class Runner:
         settings: RunnerSettings,
         executor: Executor | None,
         caps: Caps = dict,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        middleware: tuple[Middleware, ...] = (),
     ) -> None:
         if settings.max_concurrency < 1:
             raise ConfigurationError(
@@ -92,7 +97,15 @@ class Runner:
         self.settings = settings
         self.executor = executor
         self.caps = caps
+        self.clock = clock
+        self.middleware = middleware
         self.tasks: dict[str, asyncio.Task[Outcome | None]] = {}
+        self.runs: dict[str, SagaRun] = {}
+        # Sagas claimed again while their last run here was still ending (it unloaded them
+        # just before a signal or a child woke them): run again when it has ended.
+        self._again: dict[str, SagaRecord] = {}
+        self._cancels: dict[str, str] = {}  # saga id -> reason, for cancels not yet taken
+        self._cancel_cursor = 0
         self._by_type: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._poller: asyncio.Task[None] | None = None
@@ -111,6 +124,8 @@ class Runner:
             task = asyncio.create_task(self._run(record, journal), name=f"saga-{record.id}")
             self.tasks[record.id] = task
             self._by_type[record.saga_type] += 1
+        elif journal is not None and len(journal) > 1:
+            self._again[record.id] = record  # claimed again: see _again
         return task
 
     async def _run(self, record: SagaRecord, journal: list[Entry] | None) -> Outcome | None:
@@ -134,10 +149,14 @@ class Runner:
             return None
         finally:
             self.tasks.pop(record.id, None)
+            self.runs.pop(record.id, None)
             self._suspects.discard(record.id)
             self._by_type[record.saga_type] -= 1
             if record.saga_type in self.caps():
                 self.wake()  # room for another saga of a capped type
+            again = self._again.pop(record.id, None)
+            if again is not None:
+                self.launch(again)
 
     def _orphan(self, record: SagaRecord) -> int:
         """Remember a saga to re-run from its journal; return how often its run stopped."""
@@ -174,8 +193,21 @@ class Runner:
             deadline=record.deadline,
             journal=journal,
             executor=self.executor,
+            clock=self.clock,
+            middleware=self.middleware,
+            resolve=self.resolve,
+            cancel=self._cancels.get(record.id),
+            notify=self.wake,
         )
+        self.runs[record.id] = run
         state = await run.execute()
+        if run.wake_at is not None:
+            self.wake()  # look at the next wake-up again
+        elif state in TERMINAL:
+            self._cancels.pop(record.id, None)
+            if record.parent_id is not None:
+                await self.store.wake(record.parent_id)
+                self.wake()
         return Outcome(state=state, output=run.output, error=run.error)
 
     async def _park(self, record: SagaRecord, journal: list[Entry], reason: Exception) -> None:
@@ -189,6 +221,7 @@ class Runner:
         """Claim sagas no live worker owns, re-run orphans, adopt lost claims when due, and
         take one suspect if none runs here; return how many sagas were launched."""
         launched = self._relaunch_orphans()
+        await self._take_cancels()
         if self._adopt_due:
             adopted = await self.store.adopt(list(self.tasks), CLAIM_BATCH)
             self._adopt_due = False
@@ -218,6 +251,21 @@ class Runner:
                 self.launch(c.record, c.journal)
                 launched += 1
         return launched
+
+    async def _take_cancels(self) -> None:
+        """Learn of cancel requests (any process may send them) and pass them on to the
+        sagas running here; the others get theirs when they are launched."""
+        for request in await self.store.cancel_requests(self._cancel_cursor):
+            self._cancel_cursor = max(self._cancel_cursor, request.id)
+            reason = str((decode(request.payload) or {}).get("reason", ""))
+            self.cancel(request.saga_id, reason)
+
+    def cancel(self, saga_id: str, reason: str) -> None:
+        """Cancel a saga at its next step or wait if it runs here, else when it is launched."""
+        self._cancels[saga_id] = reason
+        run = self.runs.get(saga_id)
+        if run is not None:
+            run.request_cancel(reason)
 
     def _type_caps(self) -> dict[str, TypeCap]:
         caps = {}
@@ -256,8 +304,30 @@ class Runner:
             wait = self.settings.poll_interval
             if failures or self._orphans:
                 wait = min(wait, self.settings.retry_interval * 2 ** min(failures, 5))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await self._idle(wait, await self._next_due(failures))
+
+    async def _next_due(self, failures: int) -> float | None:
+        """Seconds until the next suspended saga falls due (by the store's clock), if soon."""
+        if failures:
+            return None
+        with contextlib.suppress(StoreError, OSError):
+            due = await self.store.next_wake()
+            # Sagas already due but not claimed (over a cap) wait for the next poll.
+            earliest = self.store.clock_bounds()[0]
+            if due is not None and due > earliest - 0.05:
+                return max(due - earliest, 0.005)
+        return None
+
+    async def _idle(self, poll: float, due_in: float | None) -> None:
+        """Wait for a wake-up, ``poll`` seconds, or ``due_in`` seconds of the clock."""
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if due_in is not None:
+            waiters.append(asyncio.ensure_future(self.clock.sleep(due_in)))
+        try:
+            await asyncio.wait(waiters, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def stop(self) -> None:
         """Stop at once: cancel every saga task; each resumes from its journal next time."""

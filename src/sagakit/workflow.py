@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import random as _random
 import uuid as _uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sagakit.definition import Action, Compensation, RetryPolicy
+from sagakit.definition import Action, Compensation, RetryPolicy, kind_of
+from sagakit.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sagakit.engine import SagaRun
+
+
+def _seconds(value: timedelta | float, what: str) -> float:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigurationError(f"{what} takes a timedelta or seconds, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +88,8 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         compensate_retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        pivot: bool = False,
+        retriable: bool = False,
     ) -> Any:
         """Run ``action(step_ctx, data)`` as a durable step and return its result.
 
@@ -85,8 +97,15 @@ class WorkflowContext:
         result is returned without running ``action``. If the step fails for good,
         :class:`~sagakit.errors.StepFailed` is raised here; if the workflow lets it escape,
         the saga compensates its completed steps in reverse order. ``name`` defaults to the
-        function's name (``name#2`` for its second call, and so on).
+        function's name (``name#2`` for its second call, and so on). ``timeout`` (seconds per
+        attempt) holds across restarts: an attempt re-run after a crash keeps its deadline.
+        ``pivot=True`` marks the point of no return and ``retriable=True`` a step after it,
+        retried until it succeeds (see :class:`~sagakit.definition.StepKind`).
         """
+        try:
+            kind = kind_of(pivot=pivot, retriable=retriable)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         return await self._run.step(
             action,
             data,
@@ -95,12 +114,74 @@ class WorkflowContext:
             retry=retry,
             compensate_retry=compensate_retry,
             timeout=timeout,
+            kind=kind,
         )
+
+    async def sleep(self, duration: timedelta | float) -> None:
+        """Wait durably for ``duration`` (a timedelta or seconds). The saga is unloaded while
+        it sleeps and resumed by a worker when the time comes, also after restarts; it never
+        wakes early (on PostgreSQL, by the database's clock)."""
+        from sagakit import waits
+
+        seconds = _seconds(duration, "sleep()")
+        await waits.sleep(self._run, delay=seconds)
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Wait durably until ``when`` (a timezone-aware datetime); see :meth:`sleep`."""
+        if not isinstance(when, datetime) or when.tzinfo is None:
+            raise ConfigurationError(
+                f"sleep_until() needs a timezone-aware datetime, got {when!r}; "
+                "use datetime.now(UTC) + timedelta(...)"
+            )
+        from sagakit import waits
+
+        await waits.sleep(self._run, until=when.timestamp())
+
+    async def wait_for_signal(
+        self, name: str, *, timeout: timedelta | float | None = None, type: Any = None
+    ) -> Any:
+        """Wait durably for the signal ``name`` and return its payload (decoded as ``type``
+        if given). A signal sent before the saga waits is kept and returned at once; each
+        signal is returned once. Raises :class:`~sagakit.errors.SignalTimedOut` after
+        ``timeout`` (a timedelta or seconds; None waits for ever). Send signals with
+        ``await app.signal(saga_id, name, payload)`` or ``sagakit signal ID NAME JSON``."""
+        if not isinstance(name, str) or not name or name.startswith("sagakit."):
+            raise ConfigurationError(
+                f"a signal name is a non-empty str not starting with 'sagakit.', got {name!r}"
+            )
+        from sagakit import waits
+
+        seconds = None if timeout is None else _seconds(timeout, "wait_for_signal()")
+        return await waits.wait_for_signal(self._run, name, seconds, type)
+
+    async def parallel(self, *branches: Awaitable[Any]) -> list[Any]:
+        """Run branches at once and return their results in order: ``a, b = await
+        ctx.parallel(ctx.step(reserve, data), ctx.step(charge, data))``. Each branch is one
+        ``ctx.step``, ``ctx.child``, ``ctx.sleep`` or ``ctx.wait_for_signal`` call.
+
+        Every branch runs to its end. If one failed, its error is raised here, and if the
+        workflow lets it escape, the completed steps of the group are compensated
+        concurrently, then the earlier steps in reverse order."""
+        from sagakit import waits
+
+        return await waits.parallel(self._run, branches)
+
+    async def child(self, saga_type: str, data: Any = None, *, name: str | None = None) -> Any:
+        """Start a child saga of ``saga_type`` (once, whatever crashes happen) and return its
+        output when it completes; :class:`~sagakit.errors.StepFailed` if it fails or is
+        cancelled. The parent is unloaded while it waits. If the parent later compensates,
+        the completed child is compensated along its own compensation path. ``name`` (the
+        step's name, default the type) tells two children of one type apart."""
+        from sagakit import children
+
+        return await children.child(self._run, saga_type, data, name)
 
     def now(self) -> datetime:
         """The current UTC time, recorded so a replay sees the same value."""
         return datetime.fromisoformat(
-            self._run.record_value("now", lambda: datetime.now(UTC).isoformat())
+            self._run.record_value(
+                "now", lambda: datetime.fromtimestamp(self._run.clock.now(), UTC).isoformat()
+            )
         )
 
     def uuid(self) -> _uuid.UUID:

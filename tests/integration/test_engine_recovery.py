@@ -363,7 +363,7 @@ async def test_changed_recorded_value_parks_the_saga(db_url: str, check: Any) ->
         assert parked.error is not None
         assert parked.error["type"] == "NonDeterminismError"
         assert "ctx.now()" in parked.error["message"]
-        assert "'uuid'" in parked.error["message"]
+        assert "ctx.uuid()" in parked.error["message"]
         assert CALLS["alpha"] == 1
     finally:
         await changed.close()

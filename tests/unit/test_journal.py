@@ -88,6 +88,13 @@ EXPECTED_TRANSITIONS: dict[Kind, SagaState | None] = {
     Kind.SAGA_PARKED: SagaState.NEEDS_ATTENTION,
     Kind.OPERATOR_RETRY: None,
     Kind.OPERATOR_RESOLVED: SagaState.FAILED,
+    Kind.TIMER_STARTED: SagaState.RUNNING,
+    Kind.TIMER_FIRED: SagaState.RUNNING,
+    Kind.SIGNAL_WAITING: SagaState.RUNNING,
+    Kind.SIGNAL_RECEIVED: SagaState.RUNNING,
+    Kind.SIGNAL_TIMED_OUT: SagaState.RUNNING,
+    Kind.CANCEL_REQUESTED: None,
+    Kind.SAGA_CANCELLED: SagaState.CANCELLED,
 }
 
 
@@ -105,6 +112,8 @@ def test_state_sets_are_disjoint_and_needs_attention_is_neither() -> None:
 def _entry_fields(kind: Kind) -> dict[str, Any]:
     if kind in _STEP_KINDS:
         return {"seq": 0, "step": "s0", "attempt": 1}
+    if kind.value.startswith(("timer_", "signal_")):
+        return {"seq": 1, "data": {"name": "n", "until": 1.0, "signal_id": "x"}}
     return {}
 
 

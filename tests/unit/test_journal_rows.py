@@ -42,6 +42,11 @@ def random_journal(rng: random.Random) -> list[Entry]:
     for index in range(1, rng.randint(1, 40)):
         kind = rng.choice(kinds)
         fields: dict[str, Any] = {}
+        if kind.value.startswith(("timer_", "signal_")):
+            fields["seq"] = rng.randint(0, 5)
+            fields["data"] = {"name": "n", "until": 1.0, "signal_id": f"s{index}"}
+        if kind is Kind.CANCEL_REQUESTED:
+            fields["data"] = rng.choice([{"reason": "r"}, {"reason": "r", "resume": "running"}])
         if kind in _PER_STEP or kind is Kind.VALUE_RECORDED:
             seq = rng.randint(0, 5)
             fields["seq"] = seq

@@ -7,9 +7,12 @@ import socket
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sagakit.journal import SUSPECT_AFTER, Entry, SagaState
+from sagakit.journal import SUSPECT_AFTER, Entry, Kind, SagaState
+
+if TYPE_CHECKING:
+    from sagakit.definition import Saga
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +36,25 @@ class SagaRecord:
     owner: str | None = None
     recoveries: int = 0
     takeovers: int = 0
+    parent_id: str | None = None  # the saga that started this one as a child
+    wake_at: float | None = None  # set while suspended: claimable from then on
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signal:
+    """A signal stored for a saga. ``id`` orders signals by arrival (store-wide);
+    ``signal_id`` is the sender's id, unique per saga (a repeat is stored once)."""
+
+    id: int
+    saga_id: str
+    signal_id: str
+    name: str
+    payload: str | None
+    at: float
+
+
+CANCEL_SIGNAL = "sagakit.cancel"  # the signal app.cancel() sends; ``sagakit.`` names are reserved
+WAIT_FOREVER = 253402300799.0  # 9999-12-31: the wake_at of a wait without timeout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +77,41 @@ class TypeCap:
 
 # Given a saga's row and journal, the entries to append (or raise to append nothing).
 Decide = Callable[[SagaRecord, list[Entry]], Sequence[Entry]]
+
+
+def new_saga(
+    saga: Saga,
+    payload: str,
+    *,
+    now: float,
+    saga_id: str | None = None,
+    idempotency_key: str | None = None,
+    deadline: float | None = None,
+    owner: str | None = None,
+    parent_id: str | None = None,
+) -> tuple[SagaRecord, Entry]:
+    """The row and first journal entry of a new saga of definition ``saga`` with the encoded
+    input ``payload``; ``deadline`` in seconds from ``now`` (default: the definition's)."""
+    limit = deadline if deadline is not None else saga.deadline
+    record = SagaRecord(
+        id=saga_id or str(uuid.uuid4()),
+        saga_type=saga.name,
+        version=saga.version,
+        state=SagaState.STARTED,
+        idempotency_key=idempotency_key,
+        input=payload,
+        output=None,
+        error=None,
+        current_step=None,
+        deadline=None if limit is None else now + limit,
+        created_at=now,
+        updated_at=now,
+        owner=owner,
+        parent_id=parent_id,
+    )
+    first = Entry(saga_id=record.id, index=0, kind=Kind.SAGA_STARTED, at=now, payload=payload,
+                  data={"version": saga.version})  # fmt: skip
+    return record, first
 
 
 def new_worker_id() -> str:
@@ -152,6 +209,57 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Number of sagas in each state."""
+        ...
+
+    # -- timers, signals, children (suspended sagas) ------------------------------------------
+
+    def clock_bounds(self) -> tuple[float, float]:
+        """Lower and upper bounds of the clock that judges timers now (the database's clock on
+        PostgreSQL): a timer set for ``upper + delay`` and fired once ``lower >= until`` never
+        fires early."""
+        ...
+
+    async def suspend(
+        self,
+        saga_id: str,
+        wake_at: float,
+        signals: Mapping[str, int],
+        children: Sequence[str],
+    ) -> None:
+        """Unload a saga this worker owns until ``wake_at`` (by the store's clock): release it
+        and make it claimable from then on; at once instead if, by the time this commits, a
+        saga in ``children`` is completed, failed, cancelled or needs attention, or more
+        signals named ``name`` were stored for it than the ``signals[name]`` it consumed.
+        Fenced like ``append``; entries queued before commit first."""
+        ...
+
+    async def wake(self, saga_id: str) -> None:
+        """Make a suspended saga claimable now (a child of it ended); no-op otherwise."""
+        ...
+
+    async def next_wake(self) -> float | None:
+        """The earliest ``wake_at`` of a suspended saga, or None."""
+        ...
+
+    async def send_signal(
+        self, saga_id: str, signal_id: str, name: str, payload: str | None, at: float
+    ) -> bool:
+        """Store a signal and wake the saga, in one transaction; False (and nothing written)
+        if the saga already has a signal with ``signal_id``.
+
+        Raises:
+            SagaNotFound: no such saga.
+            InvalidSagaState: the saga is completed, failed or cancelled.
+        """
+        ...
+
+    async def signals(self, saga_id: str) -> list[Signal]:
+        """The saga's signals in order of arrival."""
+        ...
+
+    async def cancel_requests(self, after: int) -> list[Signal]:
+        """Cancel signals (``CANCEL_SIGNAL``) with ``id > after`` to sagas that are started,
+        running or compensating, in order of ``id``."""
         ...
 
     async def schema_version(self) -> int: ...

@@ -25,8 +25,9 @@ from sagakit.errors import ConfigurationError, SagaNotFound, SchemaTooNew, Store
 from sagakit.journal import SUSPECT_AFTER, Entry, SagaState
 from sagakit.store import postgres_sql as sql
 from sagakit.store import rows
-from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
+from sagakit.store.base import Claimed, Decide, SagaRecord, Signal, TypeCap, new_worker_id
 from sagakit.store.postgres_errors import translate
+from sagakit.store.postgres_waits import PgWaits, read_clock
 from sagakit.store.postgres_writer import Op, PgWriter, append_args
 from sagakit.store.sqlite import migrations
 
@@ -74,6 +75,9 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._owner: str | None = None
         self._writer = PgWriter(self._write, lambda: self._owner)
+        self._waits = PgWaits(
+            self.location, self._channel, self._require_pool, lambda: self._owner, self._writer
+        )
         self._writer_conn: asyncpg.Connection | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._wake: Callable[[], None] | None = None
@@ -102,6 +106,8 @@ class PostgresStore:
                 server_settings=settings,
                 reset=_keep_session,
             )
+            async with self._pool.acquire() as conn:
+                self._waits.clock = await read_clock(conn, tries=3)
         self._writer.start()
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
@@ -141,6 +147,7 @@ class PostgresStore:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        self._waits.clock = None
 
     async def start_worker(self, wake: Callable[[], None]) -> None:
         """Register this worker (before it claims anything: a saga whose owner is not
@@ -177,6 +184,7 @@ class PostgresStore:
         started = time.monotonic()
         await conn.execute(sql.HEARTBEAT, self.worker_id, self.lease)
         self._last_beat = started
+        self._waits.clock = await read_clock(conn)  # follows the drift of the two clocks
 
     async def stop_worker(self) -> None:
         if self._beat_task is not None:
@@ -398,3 +406,30 @@ class PostgresStore:
 
     async def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in await self._execute(sql.COUNTS, [])}
+
+    # -- timers, signals, children (bodies in postgres_waits) ---------------------------------
+
+    def clock_bounds(self) -> tuple[float, float]:
+        return self._waits.clock_bounds()
+
+    async def suspend(
+        self, saga_id: str, wake_at: float, signals: Mapping[str, int], children: Sequence[str]
+    ) -> None:
+        await self._waits.suspend(saga_id, wake_at, signals, children)
+
+    async def wake(self, saga_id: str) -> None:
+        await self._waits.wake(saga_id)
+
+    async def next_wake(self) -> float | None:
+        return await self._waits.next_wake()
+
+    async def send_signal(
+        self, saga_id: str, signal_id: str, name: str, payload: str | None, at: float
+    ) -> bool:
+        return await self._waits.send_signal(saga_id, signal_id, name, payload, at)
+
+    async def signals(self, saga_id: str) -> list[Signal]:
+        return await self._waits.signals(saga_id)
+
+    async def cancel_requests(self, after: int) -> list[Signal]:
+        return await self._waits.cancel_requests(after)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from sagakit.store.rows import JOURNAL_COLUMNS, SAGA_COLUMNS
+from sagakit.store.rows import JOURNAL_COLUMNS, SAGA_COLUMNS, SIGNAL_COLUMNS
 
 ACTIVE: Final = "state IN ('started', 'running', 'compensating')"
+# Timers are judged by the database's clock, the one clock that all workers share.
+# (extract() gives numeric: the cast keeps comparisons with wake_at in double precision.)
+DB_NOW: Final = "extract(epoch from clock_timestamp())::float8"
 
 _ENTRIES: Final = (
     "unnest($1::text[], $2::int[], $3::text[], $4::float8[], $5::int[], $6::text[], "
@@ -44,7 +47,8 @@ CREATE: Final = f"""
 WITH proposed AS (
     SELECT * FROM unnest($11::text[], $12::text[], $13::int[], $14::text[], $15::text[],
                          $16::text[], $17::text[], $18::text[], $19::text[], $20::float8[],
-                         $21::float8[], $22::float8[], $23::text[], $24::int[], $25::int[])
+                         $21::float8[], $22::float8[], $23::text[], $24::int[], $25::int[],
+                         $26::text[], $27::float8[])
         AS p({SAGA_COLUMNS})
 ), inserted AS (
     INSERT INTO sagakit_sagas ({SAGA_COLUMNS}) SELECT * FROM proposed
@@ -93,6 +97,7 @@ WITH mark AS (
       AND s.recoveries + (s.owner IS NOT NULL)::int >= $5
       AND s.recoveries + (s.owner IS NOT NULL)::int < $6
       AND (s.owner IS NULL OR s.owner NOT IN (SELECT id FROM live))
+      AND (s.wake_at IS NULL OR s.wake_at <= {DB_NOW})
     ORDER BY s.created_at, s.id
     LIMIT $2
     FOR UPDATE OF s SKIP LOCKED
@@ -129,5 +134,64 @@ SET backend_pid = pg_backend_pid(), lease_until = now() + $2 * interval '1 secon
 RELEASE: Final = "UPDATE sagakit_sagas SET owner = NULL WHERE owner = $1 AND id = ANY($2)"
 RELEASE_ALL: Final = f"UPDATE sagakit_sagas SET owner = NULL WHERE owner = $1 AND {ACTIVE}"
 FORGET_WORKER: Final = "DELETE FROM sagakit_workers WHERE id = $1"
-UNOWN: Final = "UPDATE sagakit_sagas SET owner = NULL WHERE id = $1"
+UNOWN: Final = "UPDATE sagakit_sagas SET owner = NULL, wake_at = NULL WHERE id = $1"
 NOTIFY: Final = "SELECT pg_notify($1, '')"
+CLOCK: Final = f"SELECT {DB_NOW}"
+
+# -- timers, signals, children -----------------------------------------------------------------
+
+# Unload a saga: release it and make it claimable from $2 on; returns the seconds until then.
+SUSPEND: Final = f"""
+UPDATE sagakit_sagas SET owner = NULL, wake_at = $2 WHERE id = $1 AND owner = $3
+RETURNING $2::float8 - {DB_NOW}
+"""
+SUSPEND_UNFENCED: Final = f"""
+UPDATE sagakit_sagas SET wake_at = $2 WHERE id = $1
+RETURNING $2::float8 - {DB_NOW}
+"""
+# Run as a statement of its own after SUSPEND, in the same READ COMMITTED transaction: it sees
+# what was committed while SUSPEND waited for the row. A waited-for signal ($2 names, of which
+# the saga consumed $3) beyond those consumed, or a child ($4) that ended, wakes the saga now
+# (a child that needs attention has not ended: it waits for an operator).
+WAKE_IF_READY: Final = """
+UPDATE sagakit_sagas SET wake_at = NULL
+WHERE id = $1 AND (
+    EXISTS (
+        SELECT 1 FROM unnest($2::text[], $3::bigint[]) AS w(name, consumed)
+        WHERE (SELECT count(*) FROM sagakit_signals g WHERE g.saga_id = $1 AND g.name = w.name)
+              > w.consumed
+    )
+    OR EXISTS (
+        SELECT 1 FROM sagakit_sagas c
+        WHERE c.id = ANY($4::text[])
+          AND c.state IN ('completed', 'failed', 'cancelled')
+    )
+)
+RETURNING id
+"""
+# Lock the row without a condition on wake_at, then clear it: a condition in the UPDATE's own
+# WHERE would be judged on the row as it was before a SUSPEND that holds it commits, and skip
+# the saga that SUSPEND is putting to sleep.
+WAKE: Final = """
+WITH target AS (SELECT id, wake_at FROM sagakit_sagas WHERE id = $1 FOR UPDATE)
+UPDATE sagakit_sagas s SET wake_at = NULL FROM target t
+WHERE s.id = t.id AND t.wake_at IS NOT NULL
+RETURNING s.id
+"""
+NEXT_WAKE: Final = f"SELECT min(wake_at) FROM sagakit_sagas WHERE wake_at IS NOT NULL AND {ACTIVE}"
+SAGA_STATE: Final = "SELECT state FROM sagakit_sagas WHERE id = $1"
+INSERT_SIGNAL: Final = """
+INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (saga_id, signal_id) DO NOTHING
+RETURNING id
+"""
+# Unconditional (no test of wake_at): it waits for a SUSPEND that holds the row, then clears
+# the wake_at that SUSPEND set. The state it returns is the one after any such wait.
+WAKE_FOR_SIGNAL: Final = "UPDATE sagakit_sagas SET wake_at = NULL WHERE id = $1 RETURNING state"
+SIGNALS: Final = f"SELECT {SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = $1 ORDER BY id"
+CANCEL_REQUESTS: Final = f"""
+SELECT {", ".join("g." + c.strip() for c in SIGNAL_COLUMNS.split(","))}
+FROM sagakit_signals g JOIN sagakit_sagas s ON s.id = g.saga_id
+WHERE g.name = $1 AND g.id > $2 AND s.{ACTIVE}
+ORDER BY g.id
+"""

@@ -25,6 +25,9 @@ Execute = Callable[[str, Sequence[Any]], Awaitable[list[Any]]]
 
 
 class Op:
+    """A queued write: a create (``record``), an append, or, with no entries, a barrier that
+    settles once the writes queued before it did."""
+
     __slots__ = ("entries", "future", "record", "saga_id")
 
     def __init__(
@@ -80,6 +83,7 @@ class PgWriter:
         self._execute = execute
         self._owner = owner
         self._pending: list[Op] = []
+        self._flushing: list[Op] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -114,6 +118,16 @@ class PgWriter:
         self._pending.append(op)
         self._ready.set()
 
+    async def drain(self, saga_id: str) -> None:
+        """Return once the writes of ``saga_id`` queued so far are committed; raise the error
+        of one that failed, as a durable append would."""
+        queued = any(op.saga_id == saga_id for op in (*self._flushing, *self._pending))
+        if not queued and saga_id not in self._failed:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit(Op(saga_id, (), fut))
+        await fut
+
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
@@ -137,12 +151,19 @@ class PgWriter:
         self._ready.clear()
         if not batch:
             return
-        creates = [op for op in batch if op.record is not None]
-        appends = [op for op in batch if op.record is None]
-        if creates:
-            await self._guard(creates, self._create)
-        if appends:
-            await self._guard(appends, self._append)
+        self._flushing = batch
+        try:
+            creates = [op for op in batch if op.record is not None]
+            appends = [op for op in batch if op.record is None and op.entries]
+            if creates:
+                await self._guard(creates, self._create)
+            if appends:
+                await self._guard(appends, self._append)
+        finally:
+            self._flushing = []
+        for op in batch:
+            if op.record is None and not op.entries:  # a barrier: report what went before
+                self._settle(op, self._failed.pop(op.saga_id, None))
 
     async def _guard(
         self, ops: list[Op], run: Callable[[list[Op]], Awaitable[dict[int, Any]]]

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from sagakit.journal import Entry, Kind, SagaState
-from sagakit.store.base import SagaRecord
+from sagakit.store.base import SagaRecord, Signal
 
 SAGA_COLUMNS: Final = (
     "id, saga_type, version, state, idempotency_key, input, output, error, current_step, "
-    "deadline, created_at, updated_at, owner, recoveries, takeovers"
+    "deadline, created_at, updated_at, owner, recoveries, takeovers, parent_id, wake_at"
 )
 JOURNAL_COLUMNS: Final = "saga_id, idx, kind, at, seq, step, attempt, payload, error, data"
 ACTIVE_STATES: Final = ("started", "running", "compensating")
@@ -53,6 +53,8 @@ def saga_row(r: SagaRecord) -> tuple[Any, ...]:
         r.owner,
         r.recoveries,
         r.takeovers,
+        r.parent_id,
+        r.wake_at,
     )
 
 
@@ -73,6 +75,8 @@ def record(row: Sequence[Any]) -> SagaRecord:
         owner=row[12],
         recoveries=row[13],
         takeovers=row[14],
+        parent_id=row[15],
+        wake_at=row[16],
     )
 
 
@@ -88,4 +92,13 @@ def entry(row: Sequence[Any]) -> Entry:
         payload=row[7],
         error=None if row[8] is None else json.loads(row[8]),
         data=None if row[9] is None else json.loads(row[9]),
+    )
+
+
+SIGNAL_COLUMNS: Final = "id, saga_id, signal_id, name, payload, at"
+
+
+def signal(row: Sequence[Any]) -> Signal:
+    return Signal(
+        id=row[0], saga_id=row[1], signal_id=row[2], name=row[3], payload=row[4], at=row[5]
     )

@@ -17,17 +17,27 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, Final, TypeVar
 
+from sagakit.clock import SYSTEM_CLOCK, Clock
 from sagakit.errors import (
     ConfigurationError,
     DatabaseOwned,
     FencedOut,
+    InvalidSagaState,
     SagaNotFound,
     SchemaTooNew,
     StoreError,
 )
 from sagakit.journal import SUSPECT_AFTER, Entry, SagaState, made_progress, row_changes
 from sagakit.store import rows
-from sagakit.store.base import Claimed, Decide, SagaRecord, TypeCap, new_worker_id
+from sagakit.store.base import (
+    CANCEL_SIGNAL,
+    Claimed,
+    Decide,
+    SagaRecord,
+    Signal,
+    TypeCap,
+    new_worker_id,
+)
 from sagakit.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -77,7 +87,7 @@ def _append(
 
 def _create(conn: sqlite3.Connection, r: SagaRecord, first: Entry) -> tuple[SagaRecord, bool]:
     cur = conn.execute(
-        f"INSERT INTO sagakit_sagas ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        f"INSERT INTO sagakit_sagas ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (idempotency_key) DO NOTHING",
         rows.saga_row(r),
     )
@@ -111,6 +121,7 @@ def _claim(
     *,
     suspects: bool,
     suspect_after: int,
+    now: float,
 ) -> list[SagaRecord]:
     """Take up to ``limit`` active sagas not owned by ``owner``, of the types ``only`` (None:
     any) and not of the types ``without``. Only one process executes the file, so a saga owned
@@ -119,8 +130,11 @@ def _claim(
     if limit <= 0:
         return []
     # Counted as this claim leaves it: a takeover from another owner adds one.
-    where = [f"AND recoveries + (owner IS NOT NULL) {'>=' if suspects else '<'} ?"]
-    args: list[Any] = [owner, owner, suspect_after]
+    where = [
+        "AND (wake_at IS NULL OR wake_at <= ?)",
+        f"AND recoveries + (owner IS NOT NULL) {'>=' if suspects else '<'} ?",
+    ]
+    args: list[Any] = [owner, owner, now, suspect_after]
     if only is not None:
         where.append(f"AND saga_type IN ({','.join('?' * len(only))})")
         args += only
@@ -142,7 +156,14 @@ class SqliteStore:
     """SQLite store. ``durability`` is ``"full"`` (fsync on every commit, the default),
     ``"normal"`` (WAL without fsync per commit: survives a process crash, not power loss)."""
 
-    def __init__(self, path: str, *, durability: str = "full", lazy_delay: float = 0.005) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        durability: str = "full",
+        lazy_delay: float = 0.005,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         if durability not in _SYNC_MODES:
             raise ConfigurationError(
                 f"durability must be one of {sorted(_SYNC_MODES)}, got {durability!r}"
@@ -157,6 +178,7 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._owner: str | None = None  # set while this store is the executing worker
         self._opened = False
+        self.clock = clock
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -286,7 +308,9 @@ class SqliteStore:
                 raise SagaNotFound(saga_id)
             entries = decide(rows.record(row), _journals(conn, [saga_id])[saga_id])
             _append(conn, saga_id, entries, None)
-            conn.execute("UPDATE sagakit_sagas SET owner = NULL WHERE id = ?", (saga_id,))
+            conn.execute(
+                "UPDATE sagakit_sagas SET owner = NULL, wake_at = NULL WHERE id = ?", (saga_id,)
+            )
             return rows.record(conn.execute(select, (saga_id,)).fetchone())
 
         return await self._writer.submit(apply)
@@ -303,7 +327,11 @@ class SqliteStore:
         if owner is None:
             raise StoreError("claim() needs start_worker() first")
         caps = caps or {}
-        how: dict[str, Any] = {"suspects": suspects, "suspect_after": suspect_after}
+        how: dict[str, Any] = {
+            "suspects": suspects,
+            "suspect_after": suspect_after,
+            "now": self.clock.now(),
+        }
 
         def apply(conn: sqlite3.Connection) -> list[Claimed]:
             found: list[SagaRecord] = []
@@ -416,3 +444,121 @@ class SqliteStore:
             return dict(found.fetchall())
 
         return await self._read(q)
+
+    # -- timers, signals, children -------------------------------------------------------------
+
+    def clock_bounds(self) -> tuple[float, float]:
+        now = self.clock.now()  # this process's clock judges the timers too
+        return now, now
+
+    async def suspend(
+        self,
+        saga_id: str,
+        wake_at: float,
+        signals: Mapping[str, int],
+        children: Sequence[str],
+    ) -> None:
+        owner = self._owner
+
+        def apply(conn: sqlite3.Connection) -> None:
+            if owner is None:
+                cur = conn.execute(
+                    "UPDATE sagakit_sagas SET wake_at = ? WHERE id = ?", (wake_at, saga_id)
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE sagakit_sagas SET owner = NULL, wake_at = ? WHERE id = ? AND owner = ?",
+                    (wake_at, saga_id, owner),
+                )
+            if cur.rowcount == 0:
+                raise FencedOut(saga_id, owner or "-")
+            if _woken(conn, saga_id, signals, children):
+                conn.execute("UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ?", (saga_id,))
+
+        await self._writer.submit(apply, saga_id)
+
+    async def wake(self, saga_id: str) -> None:
+        await self._writer.submit(
+            lambda conn: conn.execute(
+                "UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ? AND wake_at IS NOT NULL",
+                (saga_id,),
+            )
+        )
+
+    async def next_wake(self) -> float | None:
+        def q(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                f"SELECT min(wake_at) FROM sagakit_sagas WHERE wake_at IS NOT NULL AND {_ACTIVE}"
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._read(q)
+
+    async def send_signal(
+        self, saga_id: str, signal_id: str, name: str, payload: str | None, at: float
+    ) -> bool:
+        def apply(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT state FROM sagakit_sagas WHERE id = ?", (saga_id,))
+            found = row.fetchone()
+            if found is None:
+                raise SagaNotFound(saga_id)
+            if found[0] in _TERMINAL:
+                raise InvalidSagaState(saga_id, found[0], f"signal {name!r} to", "not finished")
+            cur = conn.execute(
+                "INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (saga_id, signal_id) DO NOTHING",
+                (saga_id, signal_id, name, payload, at),
+            )
+            if cur.rowcount == 0:
+                return False
+            conn.execute("UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ?", (saga_id,))
+            return True
+
+        return await self._writer.submit(apply)
+
+    async def signals(self, saga_id: str) -> list[Signal]:
+        def q(conn: sqlite3.Connection) -> list[Signal]:
+            found = conn.execute(
+                f"SELECT {rows.SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = ? ORDER BY id",
+                (saga_id,),
+            )
+            return [rows.signal(r) for r in found]
+
+        return await self._read(q)
+
+    async def cancel_requests(self, after: int) -> list[Signal]:
+        def q(conn: sqlite3.Connection) -> list[Signal]:
+            cols = ", ".join(f"g.{c}" for c in rows.SIGNAL_COLUMNS.split(", "))
+            found = conn.execute(
+                f"SELECT {cols} FROM sagakit_signals g JOIN sagakit_sagas s ON s.id = g.saga_id "
+                f"WHERE g.name = ? AND g.id > ? AND s.{_ACTIVE} ORDER BY g.id",
+                (CANCEL_SIGNAL, after),
+            )
+            return [rows.signal(r) for r in found]
+
+        return await self._read(q)
+
+
+_TERMINAL: Final = ("completed", "failed", "cancelled")
+
+
+def _woken(
+    conn: sqlite3.Connection, saga_id: str, signals: Mapping[str, int], children: Sequence[str]
+) -> bool:
+    """Whether a suspended saga has something to go on with already: a signal it waits for
+    beyond those it consumed, or a child that ended (one that needs attention does not wake
+    its parent: it waits for an operator, and the parent's periodic recheck sees the end)."""
+    for name, consumed in signals.items():
+        row = conn.execute(
+            "SELECT count(*) FROM sagakit_signals WHERE saga_id = ? AND name = ?", (saga_id, name)
+        ).fetchone()
+        if row[0] > consumed:
+            return True
+    if children:
+        marks = ",".join("?" * len(children))
+        row = conn.execute(
+            f"SELECT 1 FROM sagakit_sagas WHERE id IN ({marks}) AND state IN (?,?,?) LIMIT 1",
+            [*children, *_TERMINAL],
+        ).fetchone()
+        return row is not None
+    return False

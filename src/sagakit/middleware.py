@@ -1,0 +1,63 @@
+"""Middleware: code that wraps every step and compensation call the engine makes.
+
+Give an App a list (``App(url, middleware=[Timing()])``); the first wraps all the others. A
+middleware sees one :class:`StepCall` per call and decides when (and whether) to ``proceed``.
+sagakit's own failure injection (:mod:`sagakit.testing`) is a middleware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sagakit.definition import StepKind
+
+Proceed = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepCall:
+    """One call of a step's action or compensation.
+
+    Attributes:
+        saga_id, saga_type: the saga.
+        step: the step's name (``name#2`` for its second call in a workflow).
+        attempt: 1 for the first attempt.
+        compensation: True when the compensation is called, False for the action.
+        data: the step's input.
+        result: for a compensation, the result of the step it undoes.
+        kind: the step's kind (compensatable, pivot or retriable).
+    """
+
+    saga_id: str
+    saga_type: str
+    step: str
+    attempt: int
+    compensation: bool
+    data: Any
+    result: Any = None
+    kind: StepKind = StepKind.COMPENSATABLE
+
+
+class Middleware:
+    """Base class: override :meth:`step`; the default just proceeds."""
+
+    async def step(self, call: StepCall, proceed: Proceed) -> Any:
+        """Wrap one call: return ``await proceed()`` (its result), raise to fail the call."""
+        return await proceed()
+
+
+def chain(middleware: Sequence[Middleware], call: StepCall, body: Proceed) -> Proceed:
+    """``body`` wrapped by every middleware, the first outermost."""
+    proceed = body
+    for m in reversed(middleware):
+        proceed = _bind(m, call, proceed)
+    return proceed
+
+
+def _bind(m: Middleware, call: StepCall, inner: Proceed) -> Proceed:
+    async def wrapped() -> Any:
+        return await m.step(call, inner)
+
+    return wrapped

@@ -1,0 +1,20 @@
+-- sagakit schema version 3: suspended sagas (durable timers, signal waits, child sagas).
+-- wake_at: while a saga is unloaded, the time from which it may be claimed again.
+-- parent_id: the saga that started this one as a child (woken when this one ends).
+ALTER TABLE sagakit_sagas ADD COLUMN wake_at REAL;
+ALTER TABLE sagakit_sagas ADD COLUMN parent_id TEXT;
+CREATE INDEX sagakit_sagas_wake ON sagakit_sagas (wake_at) WHERE wake_at IS NOT NULL;
+
+-- Signals are stored first and delivered when the saga waits for them; signal_id makes a
+-- repeated send a no-op. id orders them by arrival.
+CREATE TABLE sagakit_signals (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    saga_id   TEXT NOT NULL,
+    signal_id TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    payload   TEXT,
+    at        REAL NOT NULL,
+    UNIQUE (saga_id, signal_id)
+);
+CREATE INDEX sagakit_signals_saga ON sagakit_signals (saga_id, name, id);
+CREATE INDEX sagakit_signals_name ON sagakit_signals (name, id);
