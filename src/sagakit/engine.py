@@ -629,5 +629,5 @@ def identity(e: Entry) -> str:
     if e.kind in (Kind.TIMER_STARTED, Kind.TIMER_FIRED):
         return "ctx.sleep()"
     if e.kind in (Kind.SIGNAL_WAITING, Kind.SIGNAL_RECEIVED, Kind.SIGNAL_TIMED_OUT):
-        return f"ctx.wait_for_signal({data.get('name')!r})"
+        return f"ctx.wait_for_signal({data.get('waited', data.get('name'))!r})"
     return f"step {e.step!r}"

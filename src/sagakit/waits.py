@@ -47,42 +47,54 @@ async def sleep(run: SagaRun, *, until: float | None = None, delay: float = 0.0)
     raise Suspend(due)
 
 
-async def wait_for_signal(run: SagaRun, name: str, timeout: float | None, hint: Any) -> Any:
-    """The payload of the next signal ``name`` not yet delivered to this saga, waiting for
-    one durably; :class:`SignalTimedOut` once ``timeout`` seconds passed without one."""
+async def wait_for_signal(
+    run: SagaRun, names: tuple[str, ...], timeout: float | None, hint: Any
+) -> tuple[str, Any]:
+    """The name and payload of the earliest signal named one of ``names`` not yet delivered
+    to this saga, waiting for one durably; :class:`SignalTimedOut` once ``timeout`` seconds
+    passed without one."""
     run.check_broken()
-    seq, _ = run.next(f"ctx.signal.{name}")
-    if (problem := run.mismatch(seq, f"ctx.wait_for_signal({name!r})")) is not None:
+    wanted = "|".join(names)
+    seq, _ = run.next(f"ctx.signal.{wanted}")
+    if (problem := run.mismatch(seq, signal_identity(wanted))) is not None:
         raise problem
     rec = run.recorded.get(seq)
     if rec is not None:
+        data = rec.data or {}
         if rec.kind is Kind.SIGNAL_RECEIVED:
-            return decode(rec.payload, hint)
-        raise SignalTimedOut(run.saga_id, name, (rec.data or {}).get("timeout"))
+            return str(data.get("name")), decode(rec.payload, hint)
+        raise SignalTimedOut(run.saga_id, wanted, data.get("timeout"))
     if run.replay_only:
         raise ReplayExhausted
     await run.cancel_point()
-    run.check_deadline(f"ctx.wait_for_signal({name!r})")
+    run.check_deadline(signal_identity(wanted))
     wait = run.waits.get(seq)
     if wait is None:
         until = None if timeout is None else run.latest_now() + timeout
         run.write_soon(Kind.SIGNAL_WAITING, seq=seq,
-                       data={"name": name, "until": until, "timeout": timeout})  # fmt: skip
+                       data={"name": wanted, "until": until, "timeout": timeout})  # fmt: skip
     else:
         until = (wait.data or {}).get("until")
     signals = await run.store.signals(run.saga_id)
     await _take_cancel_signal(run, signals)
     for s in signals:
-        if s.name == name and s.signal_id not in run.signal_ids:
+        if s.name in names and s.signal_id not in run.signal_ids:
             run.signal_ids.add(s.signal_id)
             run.write_soon(Kind.SIGNAL_RECEIVED, seq=seq, payload=s.payload,
-                           data={"name": name, "signal_id": s.signal_id})  # fmt: skip
-            return decode(s.payload, hint)
+                           data={"name": s.name, "signal_id": s.signal_id,
+                                 "waited": wanted})  # fmt: skip
+            return s.name, decode(s.payload, hint)
     if until is not None and run.earliest_now() >= until:
-        run.write_soon(Kind.SIGNAL_TIMED_OUT, seq=seq, data={"name": name, "timeout": timeout})
-        raise SignalTimedOut(run.saga_id, name, timeout)
-    consumed = sum(1 for s in signals if s.name == name and s.signal_id in run.signal_ids)
-    raise Suspend(WAIT_FOREVER if until is None else until, signals={name: consumed})
+        run.write_soon(Kind.SIGNAL_TIMED_OUT, seq=seq, data={"name": wanted, "timeout": timeout})
+        raise SignalTimedOut(run.saga_id, wanted, timeout)
+    consumed = {
+        n: sum(1 for s in signals if s.name == n and s.signal_id in run.signal_ids) for n in names
+    }
+    raise Suspend(WAIT_FOREVER if until is None else until, signals=consumed)
+
+
+def signal_identity(wanted: str) -> str:
+    return f"ctx.wait_for_signal({wanted!r})"
 
 
 async def _take_cancel_signal(run: SagaRun, signals: list[Signal]) -> None:
@@ -100,6 +112,7 @@ BRANCHES = frozenset(
         WorkflowContext.child.__code__,
         WorkflowContext.sleep.__code__,
         WorkflowContext.wait_for_signal.__code__,
+        WorkflowContext.wait_for_any_signal.__code__,
     }
 )
 

@@ -145,14 +145,26 @@ class WorkflowContext:
         signal is returned once. Raises :class:`~sagakit.errors.SignalTimedOut` after
         ``timeout`` (a timedelta or seconds; None waits for ever). Send signals with
         ``await app.signal(saga_id, name, payload)`` or ``sagakit signal ID NAME JSON``."""
-        if not isinstance(name, str) or not name or name.startswith("sagakit."):
-            raise ConfigurationError(
-                f"a signal name is a non-empty str not starting with 'sagakit.', got {name!r}"
-            )
+        _, payload = await self.wait_for_any_signal(name, timeout=timeout, type=type)
+        return payload
+
+    async def wait_for_any_signal(
+        self, *names: str, timeout: timedelta | float | None = None, type: Any = None
+    ) -> tuple[str, Any]:
+        """Like :meth:`wait_for_signal`, for the first of several signals to arrive:
+        ``name, payload = await ctx.wait_for_any_signal("approve", "reject", timeout=...)``."""
+        for name in names:
+            if not isinstance(name, str) or not name or name.startswith("sagakit.") or "|" in name:
+                raise ConfigurationError(
+                    "a signal name is a non-empty str without '|', not starting with "
+                    f"'sagakit.', got {name!r}"
+                )
+        if not names:
+            raise ConfigurationError("wait_for_any_signal() needs at least one signal name")
         from sagakit import waits
 
         seconds = None if timeout is None else _seconds(timeout, "wait_for_signal()")
-        return await waits.wait_for_signal(self._run, name, seconds, type)
+        return await waits.wait_for_signal(self._run, names, seconds, type)
 
     async def parallel(self, *branches: Awaitable[Any]) -> list[Any]:
         """Run branches at once and return their results in order: ``a, b = await

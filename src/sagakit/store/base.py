@@ -228,7 +228,7 @@ class Store(Protocol):
     ) -> None:
         """Unload a saga this worker owns until ``wake_at`` (by the store's clock): release it
         and make it claimable from then on; at once instead if, by the time this commits, a
-        saga in ``children`` is completed, failed, cancelled or needs attention, or more
+        saga in ``children`` is completed, failed or cancelled, or more
         signals named ``name`` were stored for it than the ``signals[name]`` it consumed.
         Fenced like ``append``; entries queued before commit first."""
         ...

@@ -104,6 +104,7 @@ WITH mark AS (
 )
 UPDATE sagakit_sagas s
 SET owner = $1,
+    wake_at = NULL,  -- claimed because it was due: it waits no more
     recoveries = s.recoveries + (s.owner IS NOT NULL)::int,
     takeovers = s.takeovers + (s.owner IS NOT NULL)::int
 FROM picked WHERE s.id = picked.id

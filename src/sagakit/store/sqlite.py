@@ -142,7 +142,8 @@ def _claim(
         where.append(f"AND saga_type NOT IN ({','.join('?' * len(without))})")
         args += without
     claimed = conn.execute(
-        "UPDATE sagakit_sagas SET owner = ?, recoveries = recoveries + (owner IS NOT NULL), "
+        "UPDATE sagakit_sagas SET owner = ?, wake_at = NULL, "
+        "recoveries = recoveries + (owner IS NOT NULL), "
         "takeovers = takeovers + (owner IS NOT NULL) "
         f"WHERE id IN (SELECT id FROM sagakit_sagas WHERE {_ACTIVE} "
         f"AND (owner IS NULL OR owner != ?) {' '.join(where)} ORDER BY created_at, id LIMIT ?) "

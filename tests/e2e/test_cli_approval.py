@@ -1,0 +1,124 @@
+"""The approval example driven from the command line: a worker process runs the saga, and
+``sagakit signal`` / ``sagakit cancel`` from other processes decide it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sagakit import App, SagaState
+from sagakit.examples.approval import SAGA_TYPE, Budget, create_app, sample_request
+
+
+def run_cli(*args: str, cwd: Path, url: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "sagakit", *args, "--db", url],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    url = f"sqlite:///{tmp_path / 'approvals.db'}"
+    budget = tmp_path / "budget.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
+    env |= {"SAGAKIT_APPROVAL_DB": url, "SAGAKIT_APPROVAL_BUDGET": str(budget)}
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sagakit", "worker", "--app", "sagakit.examples.approval:app"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield url, budget
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+async def start(url: str, budget: Path, n: int) -> str:
+    app = create_app(url, budget_path=budget, worker=False)
+    async with app:
+        handle = await app.start(SAGA_TYPE, sample_request(n))
+        async with asyncio.timeout(20):
+            while not (await app.get(handle.id)).waiting:
+                await asyncio.sleep(0.05)
+        return handle.id
+
+
+async def final(url: str, saga_id: str) -> SagaState:
+    async with App(url, worker=False) as app, asyncio.timeout(20):
+        while (info := await app.get(saga_id)).state not in (
+            SagaState.COMPLETED,
+            SagaState.FAILED,
+            SagaState.CANCELLED,
+        ):
+            await asyncio.sleep(0.05)
+        return info.state
+
+
+async def test_approve_and_reject_from_the_cli(worker: tuple[str, Path], tmp_path: Path) -> None:
+    url, budget_path = worker
+    budget = Budget(budget_path)
+    approved = await start(url, budget_path, 1)
+    rejected = await start(url, budget_path, 2)
+    assert budget.held("PR-0001") > 0
+
+    done = run_cli("signal", approved, "approve", '{"by": "ann"}', cwd=tmp_path, url=url)
+    assert done.returncode == 0, done.stderr
+    assert "sent to saga" in done.stdout
+    again = run_cli("signal", approved, "approve", '{"by": "ann"}', "--id", "x", cwd=tmp_path,
+                    url=url)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    no = run_cli("signal", rejected, "reject", '{"by": "bob"}', cwd=tmp_path, url=url)
+    assert no.returncode == 0, no.stderr
+
+    assert await final(url, approved) is SagaState.COMPLETED
+    assert await final(url, rejected) is SagaState.FAILED
+    assert len(budget.orders("PR-0001")) == 1
+    assert budget.held("PR-0002") == 0
+
+    late = run_cli("signal", approved, "approve", "{}", cwd=tmp_path, url=url)
+    assert late.returncode == 1
+    assert "completed" in late.stderr
+
+
+async def test_cancel_from_the_cli_releases_the_budget(
+    worker: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, budget_path = worker
+    saga_id = await start(url, budget_path, 3)
+    done = run_cli("cancel", saga_id, "--reason", "not needed", cwd=tmp_path, url=url)
+    assert done.returncode == 0, done.stderr
+    assert await final(url, saga_id) is SagaState.CANCELLED
+    assert Budget(budget_path).held("PR-0003") == 0
+    shown = run_cli("show", saga_id, cwd=tmp_path, url=url)
+    assert "cancel requested" in shown.stdout
+    assert "not needed" in shown.stdout
+
+
+def test_bad_signal_payload_is_refused_and_sends_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert run_cli("migrate", cwd=tmp_path, url=url).returncode == 0
+    bad = run_cli("signal", "some-id", "approve", "{not json", cwd=tmp_path, url=url)
+    assert bad.returncode == 1
+    assert "PAYLOAD must be JSON" in bad.stderr
+    unknown = run_cli("signal", "some-id", "approve", "{}", cwd=tmp_path, url=url)
+    assert unknown.returncode == 1
+    assert "no saga with id" in unknown.stderr
