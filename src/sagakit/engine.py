@@ -10,7 +10,6 @@ later run resumes it from the journal.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 from collections.abc import Callable, Sequence
@@ -147,15 +146,15 @@ class SagaRun:
         self.started_data = proj.started_data
         self.waits = proj.waits
         self.signal_ids = proj.signal_ids
-        self._journal_completed = proj.completed
+        self.journal_completed = proj.completed
         self.compensated = proj.compensated
         self.compensation_attempts = proj.compensation_attempts
-        self._compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
-        self._cancel: str | None = None
+        self.compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
+        self.cancel_reason: str | None = None
         if proj.cancel is not None:
-            self._cancel = str((proj.cancel.data or {}).get("reason", ""))
+            self.cancel_reason = str((proj.cancel.data or {}).get("reason", ""))
         self._cancel_pending = cancel
-        self.cancel_known = self._cancel is not None or cancel is not None
+        self.cancel_known = self.cancel_reason is not None or cancel is not None
         self._pivot: str | None = None  # the pivot, once completed; or a retriable step
         self.seq_counter = 0
         self._names: dict[str, int] = {}
@@ -229,23 +228,23 @@ class SagaRun:
 
     async def _execute(self) -> SagaState:
         ctx = WorkflowContext(self)
-        self.replay_only = self._compensating
+        self.replay_only = self.compensating
         try:
             output = await self.saga.run()(ctx, self.data)
         except NonDeterminismError as exc:
             self.check_broken()
-            return await self._park(exc)
+            return await self.park(exc)
         except ReplayExhausted:
             return await self._compensate(None)
         except Suspend:
             raise
         except Exception as exc:
             self.check_broken()  # a store error is no business failure: do not compensate
-            if self._pivot is not None and not self._compensating:
-                return await self._park(PastPivot(self.saga_id, self._pivot, exc))
+            if self._pivot is not None and not self.compensating:
+                return await self.park(PastPivot(self.saga_id, self._pivot, exc))
             return await self._compensate(exc)
         self.check_broken()
-        if self._compensating or self._cancel is not None:
+        if self.compensating or self.cancel_reason is not None:
             return await self._compensate(None)
         try:
             payload = encode(output, what=f"the output of saga {self.saga.name!r}")
@@ -269,7 +268,7 @@ class SagaRun:
             return None
         return None
 
-    async def _park(self, exc: Exception) -> SagaState:
+    async def park(self, exc: Exception) -> SagaState:
         log.error("saga %s needs attention: %s", self.saga_id, exc)
         await self.write(Kind.SAGA_PARKED, error=error_info(exc))
         return SagaState.NEEDS_ATTENTION
@@ -281,20 +280,20 @@ class SagaRun:
         wait.signals.setdefault(CANCEL_SIGNAL, 1 if self.cancel_known else 0)
         await self.store.suspend(self.saga_id, until, wait.signals, wait.children)
         self.wake_at = until
-        return SagaState.COMPENSATING if self._compensating else SagaState.RUNNING
+        return SagaState.COMPENSATING if self.compensating else SagaState.RUNNING
 
     # -- cancellation ------------------------------------------------------------------------
 
     def request_cancel(self, reason: str) -> None:
         """Cancel the saga at its next step, wait or compensation (see App.cancel)."""
         self.cancel_known = True
-        if self._cancel is None:
+        if self.cancel_reason is None:
             self._cancel_pending = reason
 
     async def take_cancel(self) -> str | None:
         """The reason the saga is cancelled, journaling a pending request first; None if it
         is not, or if it is past its pivot (a cancellation can no longer undo it)."""
-        reason = self._cancel if self._cancel is not None else self._cancel_pending
+        reason = self.cancel_reason if self.cancel_reason is not None else self._cancel_pending
         if reason is None:
             return None
         if self._pivot is not None:
@@ -302,9 +301,9 @@ class SagaRun:
                         self.saga_id, self._pivot)  # fmt: skip
             self._cancel_pending = None
             return None
-        if self._cancel is None:
+        if self.cancel_reason is None:
             await self.write(Kind.CANCEL_REQUESTED, data={"reason": reason})
-            self._cancel = reason
+            self.cancel_reason = reason
         return reason
 
     async def cancel_point(self) -> None:
@@ -443,7 +442,7 @@ class SagaRun:
                             attempt=attempt, compensation=False, data=done.data,
                             kind=done.kind)  # fmt: skip
             try:
-                result = await self._call(action, ctx, (done.data,), info=info,
+                result = await self.call(action, ctx, (done.data,), info=info,
                                           timeout=done.timeout, ends=ends,
                                           of=policy.max_attempts)  # fmt: skip
                 payload = encode(result, what=f"the result of step {name!r}")
@@ -478,7 +477,7 @@ class SagaRun:
             results=self.results,
         )
 
-    async def _call(
+    async def call(
         self,
         fn: Callable[..., Any],
         ctx: StepContext,
@@ -497,128 +496,9 @@ class SagaRun:
     # -- compensation ------------------------------------------------------------------------
 
     async def _compensate(self, exc: Exception | None) -> SagaState:
-        if not self._compensating:
-            err = error_info(exc) if exc is not None else None
-            log.info("saga %s compensating: %s", self.saga_id, exc)
-            await self.write(Kind.SAGA_COMPENSATING, error=err)
-            self._compensating = True
-        for batch in self._batches():
-            missing = [name for seq, name in batch if seq not in self.done_steps]
-            if missing:
-                why = "no step (the replay ended before it)"
-                seq = next(seq for seq, _ in batch if seq not in self.done_steps)
-                problem = NonDeterminismError(self.saga_id, seq, f"step {missing[0]!r}", why)
-                return await self._park(problem)
-            todo = [self.done_steps[seq] for seq, _ in batch]
-            failures = await self._compensate_batch(todo)
-            if failures:
-                done, failure = failures[0]
-                log.error("saga %s needs attention: compensation of %s failed: %s",
-                          self.saga_id, done.name, failure)  # fmt: skip
-                await self.write(Kind.COMPENSATION_EXHAUSTED, seq=done.seq, step=done.name,
-                                 attempt=self.compensation_attempts.get(done.seq, 1),
-                                 error=error_info(failure),
-                                 data={"owed": self._owed()})  # fmt: skip
-                return SagaState.NEEDS_ATTENTION
-        if self._cancel is not None:
-            await self.write(Kind.SAGA_CANCELLED, data={"reason": self._cancel})
-            return SagaState.CANCELLED
-        await self.write(Kind.SAGA_FAILED)
-        return SagaState.FAILED
+        from sagakit.compensation import compensate
 
-    def _batches(self) -> list[list[tuple[int, str]]]:
-        """Completed steps still owed a compensation, in the order to compensate them: reverse
-        completion order, the steps of one parallel group together in one batch."""
-        batches: list[list[tuple[int, str]]] = []
-        last: int | None = None
-        for seq, name, group in reversed(self._completion_order()):
-            if seq in self.compensated:
-                continue
-            done = self.done_steps.get(seq)
-            if done is not None and done.compensate is None and done.child is None:
-                continue
-            if group is not None and group == last and batches:
-                batches[-1].append((seq, name))
-            else:
-                batches.append([(seq, name)])
-            last = group
-        return batches
-
-    def _completion_order(self) -> list[tuple[int, str, int | None]]:
-        """(seq, name, group) of completed steps in order of completion: the journal's, then
-        ours."""
-        order = [(c.seq, c.step, (c.data or {}).get("group")) for c in self._journal_completed]
-        known = {seq for seq, _, _ in order}
-        order += [(seq, d.name, d.group) for seq, d in self.done_steps.items() if seq not in known]
-        return order
-
-    def _owed(self) -> list[str]:
-        return [name for batch in self._batches() for _, name in batch]
-
-    async def _compensate_batch(self, todo: list[Done]) -> list[tuple[Done, Exception]]:
-        """Compensate ``todo`` concurrently (one task each if several); return the failures.
-        All of them finish before a wait (:class:`Suspend`) or an error goes further."""
-        if len(todo) == 1:
-            err = await self._compensate_one(todo[0])
-            return [] if err is None else [(todo[0], err)]
-        tasks = [asyncio.ensure_future(self._compensate_one(d)) for d in todo]
-        try:
-            await asyncio.wait(tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        waits = [t.exception() for t in tasks if isinstance(t.exception(), Suspend)]
-        for t in tasks:
-            exc = t.exception()
-            if exc is not None and not isinstance(exc, Suspend):
-                raise exc
-        if waits:
-            merged = waits[0]
-            assert isinstance(merged, Suspend)
-            for w in waits[1:]:
-                assert isinstance(w, Suspend)
-                merged = merged.merge(w)
-            raise merged
-        return [(d, err) for d, t in zip(todo, tasks, strict=True) if (err := t.result())]
-
-    async def _compensate_one(self, done: Done) -> Exception | None:
-        if done.child is not None:
-            from sagakit.children import compensate_child
-
-            return await compensate_child(self, done)
-        assert done.compensate is not None
-        policy = done.policy
-        attempt = self.compensation_attempts.get(done.seq, 0)
-        key = f"{self.saga_id}/{done.name}/compensate"
-        while True:
-            attempt += 1
-            self.compensation_attempts[done.seq] = attempt
-            await self.write(Kind.COMPENSATION_STARTED, seq=done.seq, step=done.name,
-                             attempt=attempt)  # fmt: skip
-            ctx = self.context(done.name, attempt, key)
-            info = StepCall(saga_id=self.saga_id, saga_type=self.saga.name, step=done.name,
-                            attempt=attempt, compensation=True, data=done.data,
-                            result=done.result, kind=done.kind)  # fmt: skip
-            ends = None if done.timeout is None else self.latest_now() + done.timeout
-            try:
-                await self._call(done.compensate, ctx, (done.data, done.result), info=info,
-                                 timeout=done.timeout, ends=ends,
-                                 of=policy.max_attempts)  # fmt: skip
-            except Exception as exc:
-                self.check_broken()
-                if policy.should_retry(exc, attempt):
-                    delay = policy.delay(attempt)
-                    await self.write(Kind.COMPENSATION_RETRYING, seq=done.seq, step=done.name,
-                                     attempt=attempt, error=error_info(exc),
-                                     data={"retry_in": delay})  # fmt: skip
-                    await self.clock.sleep(delay)
-                    continue
-                return exc
-            await self.write(Kind.COMPENSATION_COMPLETED, seq=done.seq, step=done.name,
-                             attempt=attempt)  # fmt: skip
-            self.compensated.add(done.seq)
-            return None
+        return await compensate(self, exc)
 
 
 def identity(e: Entry) -> str:

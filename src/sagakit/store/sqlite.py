@@ -22,15 +22,14 @@ from sagakit.errors import (
     ConfigurationError,
     DatabaseOwned,
     FencedOut,
-    InvalidSagaState,
     SagaNotFound,
     SchemaTooNew,
     StoreError,
 )
 from sagakit.journal import SUSPECT_AFTER, Entry, SagaState, made_progress, row_changes
 from sagakit.store import rows
+from sagakit.store import sqlite_waits as waits
 from sagakit.store.base import (
-    CANCEL_SIGNAL,
     Claimed,
     Decide,
     SagaRecord,
@@ -446,7 +445,7 @@ class SqliteStore:
 
         return await self._read(q)
 
-    # -- timers, signals, children -------------------------------------------------------------
+    # -- timers, signals, children (the SQL is in sqlite_waits) --------------------------------
 
     def clock_bounds(self) -> tuple[float, float]:
         now = self.clock.now()  # this process's clock judges the timers too
@@ -460,106 +459,30 @@ class SqliteStore:
         children: Sequence[str],
     ) -> None:
         owner = self._owner
-
-        def apply(conn: sqlite3.Connection) -> None:
-            if owner is None:
-                cur = conn.execute(
-                    "UPDATE sagakit_sagas SET wake_at = ? WHERE id = ?", (wake_at, saga_id)
-                )
-            else:
-                cur = conn.execute(
-                    "UPDATE sagakit_sagas SET owner = NULL, wake_at = ? WHERE id = ? AND owner = ?",
-                    (wake_at, saga_id, owner),
-                )
-            if cur.rowcount == 0:
-                raise FencedOut(saga_id, owner or "-")
-            if _woken(conn, saga_id, signals, children):
-                conn.execute("UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ?", (saga_id,))
-
-        await self._writer.submit(apply, saga_id)
-
-    async def wake(self, saga_id: str) -> None:
         await self._writer.submit(
-            lambda conn: conn.execute(
-                "UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ? AND wake_at IS NOT NULL",
-                (saga_id,),
-            )
+            lambda conn: waits.suspend(
+                conn, saga_id, owner=owner, wake_at=wake_at, signals=signals, children=children
+            ),
+            saga_id,
         )
 
-    async def next_wake(self) -> float | None:
-        def q(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                f"SELECT min(wake_at) FROM sagakit_sagas WHERE wake_at IS NOT NULL AND {_ACTIVE}"
-            ).fetchone()
-            return None if row[0] is None else float(row[0])
+    async def wake(self, saga_id: str) -> None:
+        await self._writer.submit(lambda conn: waits.wake(conn, saga_id))
 
-        return await self._read(q)
+    async def next_wake(self) -> float | None:
+        return await self._read(waits.next_wake)
 
     async def send_signal(
         self, saga_id: str, signal_id: str, name: str, payload: str | None, at: float
     ) -> bool:
-        def apply(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT state FROM sagakit_sagas WHERE id = ?", (saga_id,))
-            found = row.fetchone()
-            if found is None:
-                raise SagaNotFound(saga_id)
-            if found[0] in _TERMINAL:
-                raise InvalidSagaState(saga_id, found[0], f"signal {name!r} to", "not finished")
-            cur = conn.execute(
-                "INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at) "
-                "VALUES (?,?,?,?,?) ON CONFLICT (saga_id, signal_id) DO NOTHING",
-                (saga_id, signal_id, name, payload, at),
+        return await self._writer.submit(
+            lambda conn: waits.send_signal(
+                conn, saga_id, signal_id=signal_id, name=name, payload=payload, at=at
             )
-            if cur.rowcount == 0:
-                return False
-            conn.execute("UPDATE sagakit_sagas SET wake_at = NULL WHERE id = ?", (saga_id,))
-            return True
-
-        return await self._writer.submit(apply)
+        )
 
     async def signals(self, saga_id: str) -> list[Signal]:
-        def q(conn: sqlite3.Connection) -> list[Signal]:
-            found = conn.execute(
-                f"SELECT {rows.SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = ? ORDER BY id",
-                (saga_id,),
-            )
-            return [rows.signal(r) for r in found]
-
-        return await self._read(q)
+        return await self._read(lambda conn: waits.signals(conn, saga_id))
 
     async def cancel_requests(self, after: int) -> list[Signal]:
-        def q(conn: sqlite3.Connection) -> list[Signal]:
-            cols = ", ".join(f"g.{c}" for c in rows.SIGNAL_COLUMNS.split(", "))
-            found = conn.execute(
-                f"SELECT {cols} FROM sagakit_signals g JOIN sagakit_sagas s ON s.id = g.saga_id "
-                f"WHERE g.name = ? AND g.id > ? AND s.{_ACTIVE} ORDER BY g.id",
-                (CANCEL_SIGNAL, after),
-            )
-            return [rows.signal(r) for r in found]
-
-        return await self._read(q)
-
-
-_TERMINAL: Final = ("completed", "failed", "cancelled")
-
-
-def _woken(
-    conn: sqlite3.Connection, saga_id: str, signals: Mapping[str, int], children: Sequence[str]
-) -> bool:
-    """Whether a suspended saga has something to go on with already: a signal it waits for
-    beyond those it consumed, or a child that ended (one that needs attention does not wake
-    its parent: it waits for an operator, and the parent's periodic recheck sees the end)."""
-    for name, consumed in signals.items():
-        row = conn.execute(
-            "SELECT count(*) FROM sagakit_signals WHERE saga_id = ? AND name = ?", (saga_id, name)
-        ).fetchone()
-        if row[0] > consumed:
-            return True
-    if children:
-        marks = ",".join("?" * len(children))
-        row = conn.execute(
-            f"SELECT 1 FROM sagakit_sagas WHERE id IN ({marks}) AND state IN (?,?,?) LIMIT 1",
-            [*children, *_TERMINAL],
-        ).fetchone()
-        return row is not None
-    return False
+        return await self._read(lambda conn: waits.cancel_requests(conn, after))
