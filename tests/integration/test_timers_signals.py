@@ -24,6 +24,7 @@ from sagakit import (
     step,
 )
 from sagakit.definition import Saga
+from sagakit.testing import until_waiting
 
 Check = Callable[[App, str], Awaitable[Any]]
 
@@ -70,13 +71,6 @@ async def wait_state(app: App, saga_id: str, *states: SagaState, timeout: float 
         while (info := await app.get(saga_id)).state not in states:
             await asyncio.sleep(0.01)
     return info
-
-
-async def until_waiting(app: App, saga_id: str) -> None:
-    """Until the saga is unloaded (its row has a wake-up time)."""
-    async with asyncio.timeout(5):
-        while (await app.get(saga_id)).waiting is False:
-            await asyncio.sleep(0.01)
 
 
 async def test_three_day_sleep_in_virtual_time_unloads_the_saga(db_url: str, check: Check) -> None:

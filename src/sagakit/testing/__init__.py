@@ -28,6 +28,7 @@ from sagakit.testing.report import (
     PointRun,
     Status,
 )
+from sagakit.testing.waiting import until_waiting
 
 __all__ = [
     "CallRecord",
@@ -43,4 +44,5 @@ __all__ = [
     "Status",
     "VirtualClock",
     "explore",
+    "until_waiting",
 ]
