@@ -232,76 +232,6 @@ def show(saga_id: str, url: str, as_json: bool) -> None:
     out.print(_timeline_table(rows, start))
 
 
-@main.command("signal")
-@click.argument("saga_id")
-@click.argument("name")
-@click.argument("payload", default="null")
-@click.option("--id", "signal_id", metavar="ID", help="Signal id; a repeat of it is a no-op.")
-@db_option
-def signal_command(saga_id: str, name: str, payload: str, signal_id: str | None, url: str) -> None:
-    """Send signal NAME with a JSON PAYLOAD to a saga, e.g.
-    ``sagakit signal ID decision '{"approve": true, "by": "ann"}'``.
-
-    The signal is stored first and delivered when the saga waits for it (a worker running
-    the saga picks it up within its poll interval).
-    """
-    try:
-        value = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        fail(f"PAYLOAD must be JSON, e.g. '{{\"approve\": true}}' ({exc}); nothing was sent")
-
-    async def send() -> bool:
-        async with reader(url) as app:
-            return await app.signal(saga_id, name, value, signal_id=signal_id)
-
-    sent = run(send())
-    click.echo(f"signal {name!r} {'sent to' if sent else 'was already sent to'} saga {saga_id}")
-
-
-@main.command("cancel")
-@click.argument("saga_id")
-@click.option("--reason", default="", help="Why; recorded in the saga's journal.")
-@db_option
-def cancel_command(saga_id: str, reason: str, url: str) -> None:
-    """Cancel a saga: it compensates the steps it completed and ends cancelled."""
-
-    async def cancel() -> None:
-        async with reader(url) as app:
-            await app.cancel(saga_id, reason=reason)
-
-    run(cancel())
-    click.echo(f"saga {saga_id} is cancelled; it compensates when a worker runs it next")
-
-
-@main.command("retry")
-@click.argument("saga_id")
-@db_option
-def retry_command(saga_id: str, url: str) -> None:
-    """Resume a saga in needs_attention (after the cause was fixed)."""
-
-    async def retry() -> None:
-        async with reader(url) as app:
-            await app.retry(saga_id)
-
-    run(retry())
-    click.echo(f"saga {saga_id} resumes when a worker runs it next")
-
-
-@main.command("resolve")
-@click.argument("saga_id")
-@click.option("--note", required=True, help="What was done by hand; recorded in the journal.")
-@db_option
-def resolve_command(saga_id: str, note: str, url: str) -> None:
-    """Mark a saga in needs_attention as settled by hand; it ends failed with your note."""
-
-    async def resolve() -> None:
-        async with reader(url) as app:
-            await app.resolve(saga_id, note)
-
-    run(resolve())
-    click.echo(f"saga {saga_id} is resolved")
-
-
 @main.command("check")
 @click.option("--app", "target", required=True, metavar="MODULE:ATTR", help="The App to check.")
 @json_option
@@ -516,3 +446,7 @@ def demo(url: str, kills: int, **simulation: Any) -> None:
         Console(stderr=True).print(f"[bold red]invariant violated:[/] {escape(violation)}")
     if report.violations():
         sys.exit(1)
+
+
+# Commands defined in their own modules register themselves on ``main`` when imported.
+from sagakit import cli_operator  # noqa: E402, F401

@@ -122,3 +122,47 @@ def test_bad_signal_payload_is_refused_and_sends_nothing(tmp_path: Path) -> None
     unknown = run_cli("signal", "some-id", "approve", "{}", cwd=tmp_path, url=url)
     assert unknown.returncode == 1
     assert "no saga with id" in unknown.stderr
+
+
+async def _parked(url: str) -> str:
+    """A saga whose compensation keeps failing: it ends in needs_attention."""
+    from sagakit import RetryPolicy, Saga, step
+
+    async def reserve(ctx: object, data: object) -> str:
+        return "r"
+
+    async def release(ctx: object, data: object, result: object) -> None:
+        raise ConnectionError("inventory service down")
+
+    async def charge(ctx: object, data: object) -> None:
+        raise RuntimeError("declined")
+
+    app = App(url, poll_interval=0.05)
+    once = RetryPolicy(max_attempts=1)
+    steps = [step("reserve", reserve, compensate=release, compensate_retry=once),
+             step("charge", charge)]  # fmt: skip
+    app.register(Saga("Stuck", steps=steps))
+    async with app:
+        handle = await app.start("Stuck", None)
+        info = await app.wait(handle.id)
+        assert info.state is SagaState.NEEDS_ATTENTION
+        return handle.id
+
+
+async def test_retry_and_resolve_from_the_cli(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ops.db'}"
+    saga_id = await _parked(url)
+    retried = run_cli("retry", saga_id, cwd=tmp_path, url=url)
+    assert retried.returncode == 0, retried.stderr
+    async with App(url, worker=False) as app:
+        assert (await app.get(saga_id)).state is SagaState.COMPENSATING
+    again = run_cli("retry", saga_id, cwd=tmp_path, url=url)
+    assert again.returncode == 1
+    assert "needs_attention" in again.stderr
+    no_note = run_cli("resolve", saga_id, cwd=tmp_path, url=url)
+    assert no_note.returncode == 2  # click: the required --note is missing
+    other = await _parked(url)
+    done = run_cli("resolve", other, "--note", "released by hand", cwd=tmp_path, url=url)
+    assert done.returncode == 0, done.stderr
+    async with App(url, worker=False) as app:
+        assert (await app.get(other)).state is SagaState.FAILED
