@@ -165,7 +165,8 @@ def list_sagas(
     table.columns[0].no_wrap = True
     for i in infos:
         when = _when(i.created_at), _when(i.updated_at)
-        table.add_row(i.id, i.saga_type, _styled(i.state), escape(i.current_step or ""), *when)
+        state = _styled(i.state) + (" [dim](waiting)[/]" if i.waiting else "")
+        table.add_row(i.id, i.saga_type, state, escape(i.current_step or ""), *when)
     console().print(table)
 
 
@@ -195,6 +196,11 @@ def _summary(info: SagaInfo) -> Table:
         ("updated", f"{info.updated_at.isoformat(timespec='milliseconds')} (+{took:.3f} s)"),
         ("input", dumps(_payload(info, "input"), indent=None)),
     ]
+    if info.waiting:
+        until = info.wake_at.isoformat(timespec="seconds") if info.wake_at else "a signal"
+        fields.append(("waiting", f"unloaded until {until}"))
+    if info.parent_id:
+        fields.append(("parent", info.parent_id))
     if info.state is SagaState.COMPLETED:
         fields.append(("output", dumps(_payload(info, "output"), indent=None)))
     if info.error:

@@ -79,6 +79,10 @@ async def test_approve_and_reject_from_the_cli(worker: tuple[str, Path], tmp_pat
     approved = await start(url, budget_path, 1)
     rejected = await start(url, budget_path, 2)
     assert budget.held("PR-0001") > 0
+    shown = run_cli("show", approved, cwd=tmp_path, url=url)
+    assert "unloaded until" in shown.stdout
+    listed = run_cli("list", cwd=tmp_path, url=url)
+    assert "(waiting)" in listed.stdout
 
     done = run_cli("signal", approved, "approve", '{"by": "ann"}', cwd=tmp_path, url=url)
     assert done.returncode == 0, done.stderr
