@@ -674,4 +674,5 @@ def test_the_public_api_of_sagakit_testing() -> None:
         "Status",
         "VirtualClock",
         "explore",
+        "until_waiting",
     ]
