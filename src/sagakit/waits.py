@@ -38,7 +38,7 @@ async def sleep(run: SagaRun, *, until: float | None = None, delay: float = 0.0)
     wait = run.waits.get(seq)
     if wait is None:
         due = until if until is not None else run.latest_now() + delay
-        run.write_soon(Kind.TIMER_STARTED, seq=seq, data={"until": due})
+        run.write_soon(Kind.TIMER_STARTED, seq=seq, data=_grouped({"until": due}))
     else:
         due = float((wait.data or {})["until"])
     if run.earliest_now() >= due:
@@ -71,8 +71,8 @@ async def wait_for_signal(
     wait = run.waits.get(seq)
     if wait is None:
         until = None if timeout is None else run.latest_now() + timeout
-        run.write_soon(Kind.SIGNAL_WAITING, seq=seq,
-                       data={"name": wanted, "until": until, "timeout": timeout})  # fmt: skip
+        data = _grouped({"name": wanted, "until": until, "timeout": timeout})
+        run.write_soon(Kind.SIGNAL_WAITING, seq=seq, data=data)
     else:
         until = (wait.data or {}).get("until")
     signals = await run.store.signals(run.saga_id)
@@ -91,6 +91,12 @@ async def wait_for_signal(
         n: sum(1 for s in signals if s.name == n and s.signal_id in run.signal_ids) for n in names
     }
     raise Suspend(WAIT_FOREVER if until is None else until, signals=consumed)
+
+
+def _grouped(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the parallel group the wait runs in, if any (for graphs and timelines)."""
+    group = GROUP.get()
+    return data if group is None else {**data, "group": group}
 
 
 def signal_identity(wanted: str) -> str:
