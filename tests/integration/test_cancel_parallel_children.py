@@ -12,7 +12,6 @@ import pytest
 from sagakit import (
     App,
     InvalidSagaState,
-    InvalidStep,
     Kind,
     SagaState,
     VirtualClock,
@@ -252,33 +251,7 @@ async def test_code_first_parallel_returns_results_in_order(db_url: str) -> None
         assert "one per branch" in info.error["message"]
 
 
-def test_parallel_group_definitions_are_checked() -> None:
-    with pytest.raises(InvalidStep, match="at least two"):
-        Saga("One", steps=[parallel(step("a", act("a")))])
-    with pytest.raises(InvalidStep, match="pivot cannot be in a parallel"):
-        Saga("P", steps=[parallel(step("a", act("a"), pivot=True), step("b", act("b")))])
-
-
 # -- step kinds --------------------------------------------------------------------------------
-
-
-def test_step_kinds_are_checked_at_definition() -> None:
-    with pytest.raises(InvalidStep, match="comes after the pivot 'charge'"):
-        Saga(
-            "K",
-            steps=[
-                step("charge", act("charge"), pivot=True),
-                step("late", act("late"), compensate=undo("late")),
-            ],
-        )
-    with pytest.raises(InvalidStep, match="cannot have a compensation"):
-        Saga("K", steps=[step("charge", act("charge"), compensate=undo("charge"), pivot=True)])
-    with pytest.raises(InvalidStep, match="at most one"):
-        Saga("K", steps=[step("p1", act("p1"), pivot=True), step("p2", act("p2"), pivot=True)])
-    with pytest.raises(InvalidStep, match="before the retriable"):
-        Saga("K", steps=[step("r", act("r"), retriable=True), step("p", act("p"), pivot=True)])
-    with pytest.raises(InvalidStep, match="either the pivot or retriable"):
-        step("x", act("x"), pivot=True, retriable=True)
 
 
 async def test_engine_follows_the_step_kinds(db_url: str) -> None:
