@@ -78,7 +78,10 @@ async def wait_for_signal(
     signals = await run.store.signals(run.saga_id)
     await _take_cancel_signal(run, signals)
     for s in signals:
-        if s.name in names and s.signal_id not in run.signal_ids:
+        # A signal that arrived after the wait timed out is too late, even if no worker was
+        # up to see the timeout first: the outcome must not depend on that.
+        late = until is not None and s.at > until
+        if s.name in names and s.signal_id not in run.signal_ids and not late:
             run.signal_ids.add(s.signal_id)
             run.write_soon(Kind.SIGNAL_RECEIVED, seq=seq, payload=s.payload,
                            data={"name": s.name, "signal_id": s.signal_id,

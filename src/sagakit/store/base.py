@@ -245,7 +245,8 @@ class Store(Protocol):
         self, saga_id: str, signal_id: str, name: str, payload: str | None, at: float
     ) -> bool:
         """Store a signal and wake the saga, in one transaction; False (and nothing written)
-        if the saga already has a signal with ``signal_id``.
+        if the saga already has a signal with ``signal_id``. The signal's arrival time is
+        ``at`` by the clock that judges timers (the database's, on PostgreSQL).
 
         Raises:
             SagaNotFound: no such saga.

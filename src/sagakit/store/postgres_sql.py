@@ -181,8 +181,10 @@ RETURNING s.id
 """
 NEXT_WAKE: Final = f"SELECT min(wake_at) FROM sagakit_sagas WHERE wake_at IS NOT NULL AND {ACTIVE}"
 SAGA_STATE: Final = "SELECT state FROM sagakit_sagas WHERE id = $1"
-INSERT_SIGNAL: Final = """
-INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at) VALUES ($1, $2, $3, $4, $5)
+# A signal's arrival is timed by the database clock, which judges the timeouts of waits too.
+INSERT_SIGNAL: Final = f"""
+INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at)
+VALUES ($1, $2, $3, $4, {DB_NOW})
 ON CONFLICT (saga_id, signal_id) DO NOTHING
 RETURNING id
 """

@@ -134,7 +134,7 @@ class PgWaits:
         pool = self._pool()
         async with translate(self._location), pool.acquire() as conn, conn.transaction():
             self._check_open(saga_id, name, await conn.fetchval(sql.SAGA_STATE, saga_id))
-            stored = await conn.fetchval(sql.INSERT_SIGNAL, saga_id, signal_id, name, payload, at)
+            stored = await conn.fetchval(sql.INSERT_SIGNAL, saga_id, signal_id, name, payload)
             if stored is None:
                 return False
             # The saga may have ended while this waited for its row: raising rolls back.
