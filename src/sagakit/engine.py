@@ -187,6 +187,7 @@ class SagaRun:
         """Queue an entry without waiting. The next ``write`` commits it first; the engine
         makes one before anything leaves the workflow (a step or compensation body runs, the
         saga ends or unloads), so an outcome is always durable before the next effect."""
+        self.check_broken()  # a parallel branch of a run whose write failed: stop here too
         self.store.append_soon(self.saga_id, (self._entry(kind, **fields),))
         self._unflushed = True
 

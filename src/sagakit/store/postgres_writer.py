@@ -149,6 +149,9 @@ class PgWriter:
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._ready.clear()
+        # An op queued before an earlier write of its saga failed (in the batch before this
+        # one) must not commit after the hole that failure left: it fails too.
+        batch = [op for op in batch if not self._poisoned(op)]
         if not batch:
             return
         self._flushing = batch
@@ -183,6 +186,16 @@ class PgWriter:
             return
         for i, op in enumerate(ops):
             self._settle(op, results.get(i))
+
+    def _poisoned(self, op: Op) -> bool:
+        """Fail ``op`` if an earlier write of its saga failed unheard (see :meth:`submit`)."""
+        failed = self._failed.get(op.saga_id)
+        if failed is None or op.record is not None or not op.entries:
+            return False
+        if op.future is not None:
+            del self._failed[op.saga_id]
+        self._settle(op, failed)
+        return True
 
     def _settle(self, op: Op, result: Any) -> None:
         if isinstance(result, BaseException):
