@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,9 +82,19 @@ class Budget:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._ready = False  # the file is created on first use, not on import
+        self._setup_lock = threading.Lock()
 
     def _setup(self, db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA journal_mode = WAL")
+        # Switching a fresh file to WAL fails at once (no busy wait) while another connection,
+        # of this process or another, is setting it up too: retry for a while.
+        for _ in range(200):
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    raise
+                time.sleep(0.05)
         db.execute(
             "CREATE TABLE IF NOT EXISTS holds (key TEXT PRIMARY KEY, request_id TEXT NOT NULL, "
             "cost_center TEXT NOT NULL, amount TEXT NOT NULL, released INTEGER NOT NULL)"
@@ -101,8 +113,10 @@ class Budget:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:
             if not self._ready:
-                self._setup(db)
-                self._ready = True
+                with self._setup_lock:
+                    if not self._ready:
+                        self._setup(db)
+                        self._ready = True
             yield db
         finally:
             db.close()
