@@ -15,7 +15,10 @@ from sagakit.clock import Clock, SystemClock, VirtualClock
 from sagakit.definition import Parallel, RetryPolicy, Saga, Step, StepKind, parallel, step
 from sagakit.errors import (
     AppClosed,
+    BrokerError,
+    BrokerUnavailable,
     ConfigurationError,
+    CorruptMessage,
     CorruptPayload,
     DatabaseOwned,
     DefinitionError,
@@ -55,8 +58,11 @@ from sagakit.workflow import StepContext, WorkflowContext
 __all__ = [
     "App",
     "AppClosed",
+    "BrokerError",
+    "BrokerUnavailable",
     "Clock",
     "ConfigurationError",
+    "CorruptMessage",
     "CorruptPayload",
     "DatabaseOwned",
     "DefinitionError",

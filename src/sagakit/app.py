@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -21,16 +19,21 @@ from sagakit.errors import (
     DatabaseOwned,
     DuplicateSagaType,
     InvalidInput,
-    InvalidSagaState,
     PayloadError,
     SagaNotFound,
     UnknownSagaType,
 )
 from sagakit.handle import SagaHandle, SagaInfo
-from sagakit.journal import TERMINAL, Entry, Kind, SagaState
+from sagakit.journal import TERMINAL, Entry, SagaState
+from sagakit.messaging import Broker, open_broker
+from sagakit.messaging.outbox import OutboxRelay
+from sagakit.messaging.replies import GROUP as REPLY_GROUP
+from sagakit.messaging.replies import ReplyConsumer
 from sagakit.middleware import Middleware
+from sagakit.operations import Operations
+from sagakit.remote import DEFAULT_REPLY_TOPIC
 from sagakit.store import open_store
-from sagakit.store.base import CANCEL_SIGNAL, SagaRecord, new_saga
+from sagakit.store.base import SagaRecord, new_saga
 from sagakit.worker import Outcome, Runner, RunnerSettings
 
 RESTING = TERMINAL | {SagaState.NEEDS_ATTENTION}
@@ -38,7 +41,7 @@ RESTING = TERMINAL | {SagaState.NEEDS_ATTENTION}
 log = logging.getLogger("sagakit")
 
 
-class App:
+class App(Operations):
     """A sagakit application: where sagas are stored, which definitions exist, who runs them.
 
     Args:
@@ -62,6 +65,11 @@ class App:
             (see :mod:`sagakit.middleware`).
         clock: where sagas read the time and wait; a :class:`~sagakit.clock.VirtualClock`
             lets tests skip time (SQLite only).
+        broker: the message broker of remote steps (``amqp://...``, ``nats://...``,
+            ``redis://...``, ``memory://name``, or a Broker). A worker App relays the
+            outbox's commands to it and consumes the replies on ``reply_topic``.
+        reply_topic: where services send the replies to this App's commands; every App of
+            one database should use the same.
     """
 
     def __init__(
@@ -78,11 +86,17 @@ class App:
         lease: float = 10.0,
         middleware: builtins.list[Middleware] | tuple[Middleware, ...] = (),
         clock: Clock = SYSTEM_CLOCK,
+        broker: str | Broker | None = None,
+        reply_topic: str = DEFAULT_REPLY_TOPIC,
     ) -> None:
         self.store = open_store(
             url, durability=durability, pool_size=pool_size, lease=lease, clock=clock
         )
         self.clock = clock
+        self.broker = open_broker(broker) if isinstance(broker, str) else broker
+        self.reply_topic = reply_topic
+        self._relay: OutboxRelay | None = None
+        self._replies: ReplyConsumer | None = None
         self.middleware = tuple(middleware)
         for m in self.middleware:
             if not isinstance(m, Middleware):
@@ -163,11 +177,17 @@ class App:
                 await self._become_worker()
             self._opened = True
         if self._runner is not None:
+            if self._relay is not None and self._replies is not None and self.broker is not None:
+                # Replies to the first commands must find the reply queue there.
+                await self.broker.declare(self.reply_topic, REPLY_GROUP)
+                self._relay.start()
+                self._replies.start()
             await self._runner.recover()
             self._runner.start_polling()
 
     async def _become_worker(self) -> None:
         executor = ThreadPoolExecutor(self._thread_pool_size, thread_name_prefix="sagakit-step")
+        relay = None if self.broker is None else OutboxRelay(self.store, self.broker)
         runner = Runner(
             self.store,
             self.definition,
@@ -176,6 +196,8 @@ class App:
             self._caps,
             clock=self.clock,
             middleware=self.middleware,
+            reply_topic=self.reply_topic,
+            on_command=None if relay is None else relay.wake,
         )
         try:
             await self.store.start_worker(runner.wake)
@@ -188,6 +210,10 @@ class App:
                      self.store.location)  # fmt: skip
             return
         self._executor, self._runner = executor, runner
+        if self.broker is not None and relay is not None:
+            await self.broker.connect()
+            self._relay = relay
+            self._replies = ReplyConsumer(self.store, self.broker, self.reply_topic)
 
     async def close(self) -> None:
         """Stop executing (running sagas resume from their journal next time) and close."""
@@ -196,12 +222,21 @@ class App:
         if self._runner is not None:
             await self._runner.stop()
             self._runner = None
+            await self._stop_messaging()
             await self.store.stop_worker()
         await self.store.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
         self._opened = False
+
+    async def _stop_messaging(self) -> None:
+        for part in (self._replies, self._relay):
+            if part is not None:
+                await part.stop()
+        self._relay = self._replies = None
+        if self.broker is not None:
+            await self.broker.close()
 
     async def __aenter__(self) -> App:
         await self.open()
@@ -337,100 +372,6 @@ class App:
         await self.outcome(saga_id)
         return await self.get(saga_id)
 
-    async def retry(self, saga_id: str) -> SagaHandle:
-        """Resume a saga in ``needs_attention``: its owed compensations, or its workflow if it
-        was parked before compensating (after a fix was deployed)."""
-
-        def decide(record: SagaRecord, journal: builtins.list[Entry]) -> builtins.list[Entry]:
-            _require_attention(record, "retry")
-            compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
-            resume = SagaState.COMPENSATING if compensating else SagaState.RUNNING
-            return [_operator_entry(journal, Kind.OPERATOR_RETRY, {"resume": resume.value})]
-
-        await self._ready()
-        await self.store.append_checked(saga_id, decide)
-        if self._runner is not None:
-            self._runner.wake()  # it claims the saga, which the retry released
-        return SagaHandle(self, saga_id)
-
-    async def resolve(self, saga_id: str, note: str) -> SagaInfo:
-        """Record that an operator settled a ``needs_attention`` saga by hand; it ends failed
-        with the note in its journal."""
-        if not isinstance(note, str) or not note.strip():
-            raise ConfigurationError(
-                "resolve() needs a note (a non-empty str) saying what was done"
-            )
-
-        def decide(record: SagaRecord, journal: builtins.list[Entry]) -> builtins.list[Entry]:
-            _require_attention(record, "resolve")
-            return [_operator_entry(journal, Kind.OPERATOR_RESOLVED, {"note": note})]
-
-        await self._ready()
-        return SagaInfo.of(await self.store.append_checked(saga_id, decide))
-
-    async def signal(
-        self, saga_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
-    ) -> bool:
-        """Send signal ``name`` with ``payload`` to a saga. It is stored first, then delivered
-        to the saga's ``ctx.wait_for_signal(name)`` (now, or whenever it waits for it); each
-        signal is delivered once. Return False if a signal with ``signal_id`` was already
-        sent to this saga (nothing is stored again).
-
-        Raises:
-            SagaNotFound: no saga has this id.
-            InvalidSagaState: the saga is completed, failed or cancelled.
-            NotSerializable: ``payload`` cannot be stored as JSON. Nothing is written.
-        """
-        if not isinstance(name, str) or not name or name.startswith("sagakit."):
-            raise ConfigurationError(
-                f"a signal name is a non-empty str not starting with 'sagakit.', got {name!r}"
-            )
-        if signal_id is not None and (not isinstance(signal_id, str) or not signal_id):
-            raise ConfigurationError(f"signal_id must be a non-empty str, got {signal_id!r}")
-        encoded = encode(payload, what=f"the payload of signal {name!r}")
-        await self._ready()
-        sent = await self.store.send_signal(
-            saga_id, signal_id or str(uuid.uuid4()), name, encoded, self.clock.now()
-        )
-        if sent and self._runner is not None:
-            self._runner.wake()
-        return sent
-
-    async def cancel(self, saga_id: str, *, reason: str = "") -> None:
-        """Cancel a saga: at its next step or wait it stops going forward, compensates every
-        step it completed (a step running now finishes first, and is compensated too) and
-        ends ``cancelled``. A saga parked in ``needs_attention`` before compensating is
-        cancelled the same way. Cancelling twice is harmless; a saga past its pivot step
-        cannot be cancelled.
-
-        Raises:
-            SagaNotFound: no saga has this id.
-            InvalidSagaState: the saga has ended, is compensating already, or is past its
-                pivot. Nothing is written.
-        """
-        if not isinstance(reason, str):
-            raise ConfigurationError(f"reason must be a str, got {reason!r}")
-        await self._ready()
-        record = await self._record(saga_id)
-        journal = await self.store.journal(saga_id)
-        _check_cancellable(record, journal)
-        if record.state is SagaState.NEEDS_ATTENTION:
-
-            def decide(r: SagaRecord, j: builtins.list[Entry]) -> builtins.list[Entry]:
-                _check_cancellable(r, j)
-                data = {"reason": reason, "resume": SagaState.RUNNING.value}
-                return [_operator_entry(j, Kind.CANCEL_REQUESTED, data)]
-
-            await self.store.append_checked(saga_id, decide)
-        else:
-            payload = encode({"reason": reason})
-            await self.store.send_signal(
-                saga_id, CANCEL_SIGNAL, CANCEL_SIGNAL, payload, self.clock.now()
-            )
-        if self._runner is not None:
-            self._runner.cancel(saga_id, reason)
-            self._runner.wake()
-
     async def run_worker(self, stop: asyncio.Event) -> None:
         """Execute and recover this database's sagas until ``stop`` is set, then shut down:
         commits in flight finish, unfinished sagas resume from their journal next time."""
@@ -438,36 +379,3 @@ class App:
         await self.open()
         await stop.wait()
         await self.close()
-
-
-def _check_cancellable(record: SagaRecord, journal: list[Entry]) -> None:
-    kinds = {e.kind for e in journal}
-    if record.state in TERMINAL or Kind.SAGA_COMPENSATING in kinds:
-        raise InvalidSagaState(record.id, record.state, "cancel", "started, running, or "
-                               "needs_attention before compensating")  # fmt: skip
-    pivot = _pivot_passed(journal)
-    if pivot is not None:
-        raise InvalidSagaState(record.id, f"past its pivot step {pivot!r}", "cancel",
-                               "before its pivot")  # fmt: skip
-
-
-def _pivot_passed(journal: list[Entry]) -> str | None:
-    """The pivot or retriable step a saga completed or started, from its journal."""
-    for e in journal:
-        kind = (e.data or {}).get("kind")
-        if (e.kind is Kind.STEP_COMPLETED and kind == "pivot") or (
-            e.kind is Kind.STEP_STARTED and kind == "retriable"
-        ):
-            return e.step
-    return None
-
-
-def _require_attention(record: SagaRecord, action: str) -> None:
-    if record.state is not SagaState.NEEDS_ATTENTION:
-        raise InvalidSagaState(record.id, record.state, action, "needs_attention")
-
-
-def _operator_entry(journal: list[Entry], kind: Kind, data: dict[str, Any]) -> Entry:
-    saga_id = journal[0].saga_id
-    index = journal[-1].index + 1
-    return Entry(saga_id=saga_id, index=index, kind=kind, at=time.time(), data=data)

@@ -12,12 +12,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from sagakit import remote_steps
 from sagakit.children import compensate_child
 from sagakit.codec import error_info
 from sagakit.engine import Done, Suspend
 from sagakit.errors import NonDeterminismError
 from sagakit.journal import Kind, SagaState
 from sagakit.middleware import StepCall
+from sagakit.remote import Remote
 
 if TYPE_CHECKING:
     from sagakit.engine import SagaRun
@@ -122,6 +124,8 @@ async def _compensate_batch(run: SagaRun, todo: list[Done]) -> list[tuple[Done, 
 async def _compensate_one(run: SagaRun, done: Done) -> Exception | None:
     if done.child is not None:
         return await compensate_child(run, done)
+    if isinstance(done.compensate, Remote):
+        return await remote_steps.compensate(run, done.compensate, done)
     assert done.compensate is not None
     policy = done.policy
     attempt = run.compensation_attempts.get(done.seq, 0)

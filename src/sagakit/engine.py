@@ -41,6 +41,7 @@ from sagakit.errors import (
 )
 from sagakit.journal import Entry, Kind, SagaState, project
 from sagakit.middleware import Middleware, StepCall
+from sagakit.remote import DEFAULT_REPLY_TOPIC, Remote
 from sagakit.store.base import CANCEL_SIGNAL, Store
 from sagakit.workflow import StepContext, WorkflowContext
 
@@ -120,6 +121,8 @@ class SagaRun:
         resolve: Resolve | None = None,
         cancel: str | None = None,
         notify: Callable[[], None] | None = None,
+        reply_topic: str = DEFAULT_REPLY_TOPIC,
+        on_command: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.saga = saga
@@ -131,6 +134,8 @@ class SagaRun:
         self.middleware = tuple(middleware)
         self.resolve = resolve
         self.notify = notify or (lambda: None)
+        self.reply_topic = reply_topic  # where services send remote steps' replies
+        self.on_command = on_command or (lambda: None)  # a command is in the outbox
         proj = project(journal)
         self.state = proj.state
         self.output: str | None = None
@@ -138,7 +143,7 @@ class SagaRun:
         self.wake_at: float | None = None  # set when the run unloaded a waiting saga
         self._next_index = proj.next_index
         self.recorded = proj.outcomes
-        self._resume_attempts = proj.attempts
+        self.resume_attempts = proj.attempts
         # Steps started but without an outcome: a replay must call the same step there.
         self.in_flight = {
             seq: name for seq, name in proj.started_names.items() if seq not in proj.outcomes
@@ -149,6 +154,11 @@ class SagaRun:
         self.journal_completed = proj.completed
         self.compensated = proj.compensated
         self.compensation_attempts = proj.compensation_attempts
+        # seq -> (message id, deadline) of a remote compensation's current attempt
+        self.compensation_started = {
+            seq: d.get("message_id") for seq, d in proj.compensation_data.items()
+        }
+        self.compensation_ends = {seq: d.get("ends") for seq, d in proj.compensation_data.items()}
         self.compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
         self.cancel_reason: str | None = None
         if proj.cancel is not None:
@@ -382,6 +392,8 @@ class SagaRun:
         rec = self.recorded.get(seq)
         if rec is not None:
             if rec.kind is Kind.STEP_FAILED:
+                if (rec.data or {}).get("uncertain"):
+                    self.done_steps[seq] = done  # a timed-out remote step may have acted
                 raise StepFailed(self.saga_id, name, rec.attempt or 1, rec.error or {})
             return self.completed(done, decode(rec.payload, calls.return_hint(action)))
         if self.replay_only:
@@ -390,6 +402,10 @@ class SagaRun:
         if seq not in self.in_flight:  # an in-flight step runs to its outcome first
             await self.cancel_point()
             self._check_kind(done)
+        if isinstance(action, Remote):
+            from sagakit import remote_steps
+
+            return await remote_steps.run_step(self, action, done, retry_for(kind, retry))
         return await self._run_step(action, done, retry_for(kind, retry))
 
     def _check_kind(self, done: Done) -> None:
@@ -415,7 +431,7 @@ class SagaRun:
         if self.deadline is not None and self.earliest_now() >= self.deadline:
             raise SagaDeadlineExceeded(self.saga_id, name, self.deadline)
 
-    def _step_data(self, done: Done) -> dict[str, Any]:
+    def step_data(self, done: Done) -> dict[str, Any]:
         data: dict[str, Any] = {}
         if done.group is not None:
             data["group"] = done.group
@@ -425,9 +441,9 @@ class SagaRun:
 
     async def _run_step(self, action: Action, done: Done, policy: RetryPolicy) -> Any:
         seq, name = done.seq, done.name
-        attempt = self._resume_attempts.pop(seq, 1)
+        attempt = self.resume_attempts.pop(seq, 1)
         recorded = self.started_data.pop(seq, {})
-        extra = self._step_data(done)
+        extra = self.step_data(done)
         while True:
             self.check_deadline(name)
             ends: float | None = None

@@ -17,11 +17,14 @@
     ├── PayloadError
     │   ├── NotSerializable           a value that cannot be stored as JSON
     │   ├── InvalidInput              an input that does not fit the workflow's declared type
-    │   └── CorruptPayload            stored text that is not valid sagakit JSON
+    │   ├── CorruptPayload            stored text that is not valid sagakit JSON
+    │   └── CorruptMessage            a received message that is not a sagakit envelope
     ├── StoreError                    the database failed; the driver's error is the cause
     │   ├── SchemaTooNew              the file was written by a newer sagakit
     │   ├── StoreUnavailable          the database cannot be reached now; try again later
     │   └── FencedOut                 this worker no longer owns the saga it tried to write
+    ├── BrokerError                   the message broker failed; the driver's error is the cause
+    │   └── BrokerUnavailable         the broker cannot be reached now; try again later
     ├── StepError                     raised inside a workflow by ``await ctx.step(...)``
     │   ├── StepFailed                the step failed for good (retries exhausted or not retryable)
     │   └── StepTimedOut              one attempt ran past its timeout
@@ -152,6 +155,25 @@ class CorruptPayload(PayloadError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"stored payload is not valid sagakit JSON: {reason}")
+
+
+class CorruptMessage(PayloadError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"received message is not a sagakit envelope: {reason}")
+
+
+class BrokerError(SagakitError):
+    """The message broker failed; ``__cause__`` holds the driver's exception."""
+
+
+class BrokerUnavailable(BrokerError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(
+            f"message broker {url} cannot be reached ({reason}); sagakit retries with backoff, "
+            "and messages wait in the outbox until it is back"
+        )
 
 
 class StoreError(SagakitError):

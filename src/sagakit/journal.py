@@ -50,6 +50,8 @@ class Kind(enum.StrEnum):
     SIGNAL_TIMED_OUT = "signal_timed_out"
     CANCEL_REQUESTED = "cancel_requested"
     SAGA_CANCELLED = "saga_cancelled"
+    REPLY_IGNORED = "reply_ignored"  # a remote step's reply that came too late or twice
+    EVENT_RECORDED = "event_recorded"  # a choreography event, recorded by the tracker
 
 
 # The state each kind moves the saga to; None leaves it where it is.
@@ -77,6 +79,8 @@ TRANSITIONS: dict[Kind, SagaState | None] = {
     Kind.SIGNAL_TIMED_OUT: SagaState.RUNNING,
     Kind.CANCEL_REQUESTED: None,  # or the entry's ``resume`` state, for a parked saga
     Kind.SAGA_CANCELLED: SagaState.CANCELLED,
+    Kind.REPLY_IGNORED: None,
+    Kind.EVENT_RECORDED: SagaState.RUNNING,
 }
 
 
@@ -125,6 +129,7 @@ class Projection:
     completed: list[CompletedStep] = field(default_factory=list)
     compensated: set[int] = field(default_factory=set)
     compensation_attempts: dict[int, int] = field(default_factory=dict)
+    compensation_data: dict[int, dict[str, Any]] = field(default_factory=dict)  # last started
     started: set[tuple[int, int]] = field(default_factory=set)
     started_names: dict[int, str] = field(default_factory=dict)  # seq -> step started there
     started_data: dict[int, dict[str, Any]] = field(default_factory=dict)  # seq -> its data
@@ -146,6 +151,8 @@ def state_after(e: Entry) -> SagaState | None:
     if e.kind is Kind.CANCEL_REQUESTED:
         resume = (e.data or {}).get("resume")
         return None if resume is None else SagaState(resume)
+    if e.kind is Kind.EVENT_RECORDED:  # the tracker says which state the event leaves
+        return SagaState((e.data or {}).get("state", SagaState.RUNNING))
     return TRANSITIONS[e.kind]
 
 
@@ -167,7 +174,10 @@ def _apply_step(p: Projection, e: Entry) -> None:
     elif e.kind in (Kind.STEP_COMPLETED, Kind.STEP_FAILED, Kind.VALUE_RECORDED):
         p.outcomes[e.seq] = e
         p.attempts.pop(e.seq, None)
-        if e.kind is Kind.STEP_COMPLETED:
+        # A remote step that timed out may have acted in its service: it is compensated too.
+        if e.kind is Kind.STEP_COMPLETED or (
+            e.kind is Kind.STEP_FAILED and (e.data or {}).get("uncertain")
+        ):
             p.completed.append(
                 CompletedStep(seq=e.seq, step=e.step or "", payload=e.payload, data=e.data)
             )
@@ -177,6 +187,8 @@ def _apply_compensation(p: Projection, e: Entry) -> None:
     assert e.seq is not None
     if e.kind is Kind.COMPENSATION_STARTED:
         p.compensation_attempts[e.seq] = e.attempt or 1
+        if e.data:
+            p.compensation_data[e.seq] = e.data
     elif e.kind is Kind.COMPENSATION_COMPLETED:
         p.compensated.add(e.seq)
 
@@ -215,9 +227,10 @@ def apply(p: Projection, e: Entry) -> None:
     state = state_after(e)
     if kind is Kind.OPERATOR_RETRY:
         p.compensation_attempts.clear()
+        p.compensation_data.clear()
     if state is not None:
         p.state = state
-    if e.step is not None and kind in _STEP_KINDS:
+    if e.step is not None and (kind in _STEP_KINDS or kind is Kind.EVENT_RECORDED):
         p.current_step = e.step
     if kind in _STEP_KINDS:
         _apply_step(p, e)
@@ -227,6 +240,8 @@ def apply(p: Projection, e: Entry) -> None:
         _apply_wait(p, e)
     elif kind is Kind.CANCEL_REQUESTED:
         p.cancel = e
+    elif kind is Kind.REPLY_IGNORED:
+        p.signal_ids.add(str((e.data or {}).get("signal_id")))
     elif kind is Kind.SAGA_COMPLETED:
         p.output = e.payload
     if e.error is not None:
@@ -276,7 +291,7 @@ def row_changes(entries: Iterable[Entry]) -> dict[str, Any]:
         state = state_after(e)
         if state is not None:
             changes["state"] = state
-        if e.step is not None and e.kind in _STEP_KINDS:
+        if e.step is not None and (e.kind in _STEP_KINDS or e.kind is Kind.EVENT_RECORDED):
             changes["current_step"] = e.step
         if e.kind is Kind.SAGA_COMPLETED:
             changes["output"] = e.payload

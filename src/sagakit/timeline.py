@@ -52,6 +52,8 @@ _EVENTS = {
     Kind.OPERATOR_RESOLVED: "resolved by operator",
     Kind.CANCEL_REQUESTED: "cancel requested",
     Kind.SAGA_CANCELLED: "saga cancelled, compensated",
+    Kind.REPLY_IGNORED: "reply ignored",
+    Kind.EVENT_RECORDED: "event",
 }
 _INTERRUPTED = "interrupted"
 
@@ -69,6 +71,8 @@ def _detail(e: Entry) -> str:
         parts.append(f"reason: {data['reason']}")
     if "child" in data:
         parts.append(f"child saga {data['child']}")
+    if e.kind is Kind.EVENT_RECORDED and data.get("service"):
+        parts.append(f"from {data['service']}")
     if "note" in data:
         parts.append(str(data["note"]))
     if "owed" in data:
@@ -100,7 +104,10 @@ def timeline(entries: Sequence[Entry], *, active: bool) -> list[TimelineRow]:
             if found is not None:
                 continue
         else:
-            row = TimelineRow(at=e.at, what=_EVENTS[e.kind], detail=_detail(e))
+            what = _EVENTS[e.kind]
+            if e.kind is Kind.EVENT_RECORDED:
+                what = f"event {(e.data or {}).get('event', e.step)}"
+            row = TimelineRow(at=e.at, what=what, detail=_detail(e))
         rows.append(row)
     for row in running.values():
         if not active:

@@ -122,6 +122,7 @@ BRANCHES = frozenset(
         WorkflowContext.sleep.__code__,
         WorkflowContext.wait_for_signal.__code__,
         WorkflowContext.wait_for_any_signal.__code__,
+        WorkflowContext.call.__code__,
     }
 )
 

@@ -33,6 +33,7 @@ from sagakit.errors import (
 )
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState
 from sagakit.middleware import Middleware
+from sagakit.remote import DEFAULT_REPLY_TOPIC
 from sagakit.store.base import SagaRecord, Store, TypeCap
 
 log = logging.getLogger("sagakit.worker")
@@ -62,6 +63,15 @@ _AT_REST = frozenset(
 )
 
 Resolve = Callable[[str, int | None], Saga | None]
+
+
+def _no_relay() -> None:
+    log.error(
+        "a remote step wrote a command, but this App has no broker: the command waits in the "
+        "outbox until an App with App(broker=...) runs; give this App the broker URL"
+    )
+
+
 # The capped saga types: type -> (cluster-wide cap, per-worker cap)
 Caps = Callable[[], dict[str, tuple[int | None, int | None]]]
 
@@ -87,6 +97,8 @@ class Runner:
         *,
         clock: Clock = SYSTEM_CLOCK,
         middleware: tuple[Middleware, ...] = (),
+        reply_topic: str = DEFAULT_REPLY_TOPIC,
+        on_command: Callable[[], None] | None = None,
     ) -> None:
         if settings.max_concurrency < 1:
             raise ConfigurationError(
@@ -99,6 +111,8 @@ class Runner:
         self.caps = caps
         self.clock = clock
         self.middleware = middleware
+        self.reply_topic = reply_topic
+        self.on_command = on_command or _no_relay
         self.tasks: dict[str, asyncio.Task[Outcome | None]] = {}
         self.runs: dict[str, SagaRun] = {}
         # Sagas claimed again while their last run here was still ending (it unloaded them
@@ -198,6 +212,8 @@ class Runner:
             resolve=self.resolve,
             cancel=self._cancels.get(record.id),
             notify=self.wake,
+            reply_topic=self.reply_topic,
+            on_command=self.on_command,
         )
         self.runs[record.id] = run
         state = await run.execute()

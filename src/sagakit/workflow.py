@@ -117,6 +117,39 @@ class WorkflowContext:
             kind=kind,
         )
 
+    async def call(
+        self,
+        command: str,
+        data: Any = None,
+        *,
+        name: str | None = None,
+        compensate: str | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        compensate_retry: RetryPolicy | None = None,
+        pivot: bool = False,
+        retriable: bool = False,
+    ) -> Any:
+        """Run a remote step: send ``command`` (``"Service.Command"``) with ``data`` to its
+        service and return the result of its reply. The saga waits for the reply unloaded;
+        ``timeout`` (seconds per attempt) makes a missing reply a failed attempt.
+        ``compensate`` names the command that undoes it. The App needs a broker
+        (``App(broker=...)``); see :mod:`sagakit.remote`."""
+        from sagakit.remote import Remote
+
+        action = Remote(command)
+        return await self.step(
+            action,
+            data,
+            name=name or action.__name__,
+            compensate=None if compensate is None else Remote(compensate),
+            retry=retry,
+            compensate_retry=compensate_retry,
+            timeout=timeout,
+            pivot=pivot,
+            retriable=retriable,
+        )
+
     async def sleep(self, duration: timedelta | float) -> None:
         """Wait durably for ``duration`` (a timedelta or seconds). The saga is unloaded while
         it sleeps and resumed by a worker when the time comes, also after restarts; it never

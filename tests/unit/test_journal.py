@@ -95,6 +95,8 @@ EXPECTED_TRANSITIONS: dict[Kind, SagaState | None] = {
     Kind.SIGNAL_TIMED_OUT: SagaState.RUNNING,
     Kind.CANCEL_REQUESTED: None,
     Kind.SAGA_CANCELLED: SagaState.CANCELLED,
+    Kind.REPLY_IGNORED: None,
+    Kind.EVENT_RECORDED: SagaState.RUNNING,
 }
 
 

@@ -9,8 +9,11 @@ import sagakit
 PUBLIC_API = [
     "App",
     "AppClosed",
+    "BrokerError",
+    "BrokerUnavailable",
     "Clock",
     "ConfigurationError",
+    "CorruptMessage",
     "CorruptPayload",
     "DatabaseOwned",
     "DefinitionError",

@@ -53,6 +53,20 @@ class Signal:
     at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxMessage:
+    """A command waiting in the outbox: ``message`` is its envelope's JSON, ``attempts``
+    counts the relays that claimed it."""
+
+    id: int
+    saga_id: str
+    message_id: str
+    topic: str
+    message: str
+    created_at: float
+    attempts: int
+
+
 CANCEL_SIGNAL = "sagakit.cancel"  # the signal app.cancel() sends; ``sagakit.`` names are reserved
 WAIT_FOREVER = 253402300799.0  # 9999-12-31: the wake_at of a wait without timeout
 
@@ -256,6 +270,21 @@ class Store(Protocol):
 
     async def signals(self, saga_id: str) -> list[Signal]:
         """The saga's signals in order of arrival."""
+        ...
+
+    # -- the outbox ------------------------------------------------------------------------------
+
+    async def outbox_claim(self, limit: int, lease: float) -> list[OutboxMessage]:
+        """Up to ``limit`` outbox messages no relay holds, oldest first, held for ``lease``
+        seconds (a relay that dies lets them go after that)."""
+        ...
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        """Delete relayed messages."""
+        ...
+
+    async def outbox_stats(self) -> tuple[int, float | None]:
+        """How many messages wait in the outbox, and when the oldest was written."""
         ...
 
     async def cancel_requests(self, after: int) -> list[Signal]:

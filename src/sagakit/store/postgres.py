@@ -23,9 +23,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagakit.errors import ConfigurationError, SagaNotFound, SchemaTooNew, StoreError
 from sagakit.journal import SUSPECT_AFTER, Entry, SagaState
+from sagakit.store import postgres_outbox as outbox
 from sagakit.store import postgres_sql as sql
 from sagakit.store import rows
-from sagakit.store.base import Claimed, Decide, SagaRecord, Signal, TypeCap, new_worker_id
+from sagakit.store.base import (
+    Claimed,
+    Decide,
+    OutboxMessage,
+    SagaRecord,
+    Signal,
+    TypeCap,
+    new_worker_id,
+)
 from sagakit.store.postgres_errors import translate
 from sagakit.store.postgres_waits import PgWaits, read_clock
 from sagakit.store.postgres_writer import Op, PgWriter, append_args
@@ -433,3 +442,12 @@ class PostgresStore:
 
     async def cancel_requests(self, after: int) -> list[Signal]:
         return await self._waits.cancel_requests(after)
+
+    async def outbox_claim(self, limit: int, lease: float) -> list[OutboxMessage]:
+        return await outbox.claim(self._require_pool(), self.location, limit, lease)
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await outbox.done(self._require_pool(), self.location, ids)
+
+    async def outbox_stats(self) -> tuple[int, float | None]:
+        return await outbox.stats(self._require_pool(), self.location)

@@ -198,3 +198,16 @@ FROM sagakit_signals g JOIN sagakit_sagas s ON s.id = g.saga_id
 WHERE g.name = $1 AND g.id > $2 AND s.{ACTIVE}
 ORDER BY g.id
 """
+
+# -- the outbox --------------------------------------------------------------------------------
+
+_OUTBOX_COLUMNS = "id, saga_id, message_id, topic, message, created_at, attempts"
+OUTBOX_CLAIM: Final = f"""
+UPDATE sagakit_outbox o SET available_at = {DB_NOW} + $2, attempts = o.attempts + 1
+FROM (SELECT id FROM sagakit_outbox WHERE available_at <= {DB_NOW}
+      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) picked
+WHERE o.id = picked.id
+RETURNING {", ".join("o." + c for c in _OUTBOX_COLUMNS.split(", "))}
+"""
+OUTBOX_DONE: Final = "DELETE FROM sagakit_outbox WHERE id = ANY($1::bigint[])"
+OUTBOX_STATS: Final = "SELECT count(*), min(created_at) FROM sagakit_outbox"

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -32,6 +33,7 @@ from sagakit.store import sqlite_waits as waits
 from sagakit.store.base import (
     Claimed,
     Decide,
+    OutboxMessage,
     SagaRecord,
     Signal,
     TypeCap,
@@ -60,6 +62,19 @@ def migrations(dialect: str = "sqlite") -> list[tuple[int, str]]:
         if item.name.endswith(".sql"):
             found.append((int(item.name.split("_", 1)[0]), item.read_text()))
     return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration script, whole: a trigger's body has ';' of its own."""
+    code = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    found, buffer = [], ""
+    for piece in code.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                found.append(buffer)
+            buffer = ""
+    return found
 
 
 def _append(
@@ -224,10 +239,8 @@ class SqliteStore:
                 raise SchemaTooNew(self.location, current, latest)
             for number, sql in available:
                 if number > current:
-                    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
-                    for statement in code.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
+                    for statement in _statements(sql):
+                        conn.execute(statement)
                     conn.execute("INSERT INTO sagakit_schema (version) VALUES (?)", (number,))
             conn.execute("COMMIT")
         except BaseException:
@@ -483,6 +496,16 @@ class SqliteStore:
 
     async def signals(self, saga_id: str) -> list[Signal]:
         return await self._read(lambda conn: waits.signals(conn, saga_id))
+
+    async def outbox_claim(self, limit: int, lease: float) -> list[OutboxMessage]:
+        now = time.time()  # the relay's own time, not the sagas' (which a test may skip)
+        return await self._writer.submit(lambda conn: waits.outbox_claim(conn, limit, lease, now))
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._writer.submit(lambda conn: waits.outbox_done(conn, ids))
+
+    async def outbox_stats(self) -> tuple[int, float | None]:
+        return await self._read(waits.outbox_stats)
 
     async def cancel_requests(self, after: int) -> list[Signal]:
         return await self._read(lambda conn: waits.cancel_requests(conn, after))

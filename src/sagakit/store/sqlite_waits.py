@@ -1,5 +1,5 @@
-"""The SQL of suspended sagas on SQLite: timers, signals, children. Run on the store's writer
-or reader thread with its connection."""
+"""The SQL of suspended sagas on SQLite (timers, signals, children) and of the outbox. Run on
+the store's writer or reader thread with its connection."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Final
 
 from sagakit.errors import FencedOut, InvalidSagaState, SagaNotFound
 from sagakit.store import rows
-from sagakit.store.base import CANCEL_SIGNAL, Signal
+from sagakit.store.base import CANCEL_SIGNAL, OutboxMessage, Signal
 
 _ACTIVE: Final = "state IN ('started', 'running', 'compensating')"
 _TERMINAL: Final = ("completed", "failed", "cancelled")
@@ -113,3 +113,39 @@ def _woken(
         ).fetchone()
         return row is not None
     return False
+
+
+_OUTBOX_COLUMNS: Final = "id, saga_id, message_id, topic, message, created_at, attempts"
+
+
+def outbox_claim(
+    conn: sqlite3.Connection, limit: int, lease: float, now: float
+) -> list[OutboxMessage]:
+    found = conn.execute(
+        "UPDATE sagakit_outbox SET available_at = ?, attempts = attempts + 1 WHERE id IN "
+        "(SELECT id FROM sagakit_outbox WHERE available_at <= ? ORDER BY id LIMIT ?) "
+        f"RETURNING {_OUTBOX_COLUMNS}",
+        (now + lease, now, limit),
+    ).fetchall()
+    return sorted((_outbox(r) for r in found), key=lambda m: m.id)
+
+
+def outbox_done(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    conn.executemany("DELETE FROM sagakit_outbox WHERE id = ?", [(i,) for i in ids])
+
+
+def outbox_stats(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    row = conn.execute("SELECT count(*), min(created_at) FROM sagakit_outbox").fetchone()
+    return int(row[0]), None if row[1] is None else float(row[1])
+
+
+def _outbox(row: Sequence[object]) -> OutboxMessage:
+    return OutboxMessage(
+        id=int(row[0]),  # type: ignore[call-overload]
+        saga_id=str(row[1]),
+        message_id=str(row[2]),
+        topic=str(row[3]),
+        message=str(row[4]),
+        created_at=float(row[5]),  # type: ignore[arg-type]
+        attempts=int(row[6]),  # type: ignore[call-overload]
+    )
