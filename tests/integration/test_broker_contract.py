@@ -13,9 +13,7 @@ import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from broker_env import (
@@ -36,8 +34,7 @@ from broker_env import (
 )
 
 from sagakit.errors import BrokerError, BrokerUnavailable, ConfigurationError
-from sagakit.messaging import Broker, Delivery, Envelope, open_broker
-from sagakit.messaging.subscription import Subscription
+from sagakit.messaging import Broker, Envelope, open_broker
 
 BACKENDS = ["memory", "rabbitmq", "nats", "redis"]
 

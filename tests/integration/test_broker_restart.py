@@ -263,7 +263,7 @@ async def test_restart_loses_nothing_and_consumers_go_on(server: Server) -> None
     finally:
         await broker.close()
         await fresh.close()
-    assert await asyncio.wait_for(consumer, 5) is None  # the iterator ended with the broker
+    await asyncio.wait_for(consumer, 5)  # the iterator ended with the broker, without error
     if kind != "redis":
         queues = (f"{prefix}.live.{TOPIC}", f"{prefix}.cold.{TOPIC}")
         await cleanup(kind, server.url, prefix, queues)
