@@ -52,6 +52,7 @@ from sagakit.errors import (
 from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.middleware import Middleware, StepCall
+from sagakit.remote import Remote, RemoteStepFailed, remote
 from sagakit.sync import SyncApp
 from sagakit.workflow import StepContext, WorkflowContext
 
@@ -83,6 +84,8 @@ __all__ = [
     "PastPivot",
     "PayloadError",
     "RecoveryLimitExceeded",
+    "Remote",
+    "RemoteStepFailed",
     "RetryPolicy",
     "Saga",
     "SagaCancelled",
@@ -110,5 +113,6 @@ __all__ = [
     "VirtualClock",
     "WorkflowContext",
     "parallel",
+    "remote",
     "step",
 ]

@@ -34,6 +34,8 @@ PUBLIC_API = [
     "PastPivot",
     "PayloadError",
     "RecoveryLimitExceeded",
+    "Remote",
+    "RemoteStepFailed",
     "RetryPolicy",
     "Saga",
     "SagaCancelled",
@@ -61,6 +63,7 @@ PUBLIC_API = [
     "VirtualClock",
     "WorkflowContext",
     "parallel",
+    "remote",
     "step",
 ]
 
