@@ -49,8 +49,9 @@ class ReplyConsumer:
     async def run(self) -> None:
         backoff = 0.1
         while True:
+            deliveries = self.broker.subscribe(self.topic, GROUP)
             try:
-                async for delivery in self.broker.subscribe(self.topic, GROUP):
+                async for delivery in deliveries:
                     await self.handle(delivery)
                     backoff = 0.1
                 return
@@ -60,6 +61,12 @@ class ReplyConsumer:
                 log.warning("consuming replies on %s failed (%s); retrying", self.topic, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            finally:
+                # Give back what it holds now, not after ack_wait.
+                aclose = getattr(deliveries, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
 
     async def handle(self, delivery: Delivery) -> None:
         env = delivery.envelope
