@@ -53,6 +53,7 @@ from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import Entry, Kind, SagaState
 from sagakit.middleware import Middleware, StepCall
 from sagakit.remote import Remote, RemoteStepFailed, remote
+from sagakit.service import HandlerContext, Service
 from sagakit.sync import SyncApp
 from sagakit.workflow import StepContext, WorkflowContext
 
@@ -72,6 +73,7 @@ __all__ = [
     "DuplicateStepName",
     "Entry",
     "FencedOut",
+    "HandlerContext",
     "InvalidInput",
     "InvalidRetryPolicy",
     "InvalidSagaState",
@@ -97,6 +99,7 @@ __all__ = [
     "SagaState",
     "SagakitError",
     "SchemaTooNew",
+    "Service",
     "SignalTimedOut",
     "Step",
     "StepCall",

@@ -117,10 +117,13 @@ class Inbox:
                 f"unsupported inbox URL {url!r}: use sqlite:///path.db or postgresql://host/db"
             )
         self.location = self._backend.location
+        self._opening = asyncio.Lock()
 
     async def open(self) -> None:
-        """Connect, and create the inbox table if it is missing."""
-        await self._backend.open()
+        """Connect, and create the inbox table if it is missing; opening it again (another
+        user of the same inbox) does nothing more."""
+        async with self._opening:
+            await self._backend.open()
 
     async def close(self) -> None:
         await self._backend.close()
@@ -316,11 +319,7 @@ class _PgInbox:
         async with _pg_errors(self.location):
             conn = await asyncpg.connect(self._dsn)
             try:
-                async with conn.transaction():
-                    await conn.execute(sql.PG_SETUP_LOCK, f"sagakit_wake_{self.schema}")
-                    await conn.execute(sql.PG_CREATE_SCHEMA.format(schema=self.schema))
-                    await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
-                    await conn.execute(sql.PG_CREATE)
+                await self._create_table(conn)
             finally:
                 await conn.close()
             # The handler's unqualified table names resolve in the inbox's schema too.
@@ -330,6 +329,15 @@ class _PgInbox:
                 max_size=self._pool_size,
                 server_settings={"search_path": self.schema, "application_name": "sagakit"},
             )
+
+    async def _create_table(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute(sql.PG_SETUP_LOCK, f"sagakit_wake_{self.schema}")
+            if not await conn.fetchval(sql.PG_SCHEMA_EXISTS, self.schema):
+                await conn.execute(sql.PG_CREATE_SCHEMA.format(schema=self.schema))
+            await conn.execute(sql.PG_SET_SEARCH_PATH.format(schema=self.schema))
+            if not await conn.fetchval(sql.PG_TABLE_EXISTS):
+                await conn.execute(sql.PG_CREATE)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -34,7 +34,12 @@ SQLITE_RECORD: Final = "UPDATE sagakit_inbox SET reply = ?, handled_at = ? WHERE
 # ``sagakit_wake_<schema>``): concurrent first starts of a service and of sagakit's workers then
 # create the schema one after the other instead of racing on ``CREATE SCHEMA IF NOT EXISTS``.
 PG_SETUP_LOCK: Final = "SELECT pg_advisory_xact_lock(hashtext($1))"
+# Checked first: CREATE ... IF NOT EXISTS needs the CREATE privilege even when the object
+# exists, and a service's database user may have only what it needs to use the inbox.
+PG_SCHEMA_EXISTS: Final = "SELECT true FROM pg_namespace WHERE nspname = $1"
 PG_CREATE_SCHEMA: Final = 'CREATE SCHEMA IF NOT EXISTS "{schema}"'  # a validated identifier
+PG_SET_SEARCH_PATH: Final = 'SET LOCAL search_path TO "{schema}"'
+PG_TABLE_EXISTS: Final = "SELECT to_regclass('sagakit_inbox') IS NOT NULL"
 PG_CREATE: Final = (
     "CREATE TABLE IF NOT EXISTS sagakit_inbox ("
     "message_id text PRIMARY KEY, handled_at timestamptz NOT NULL DEFAULT now(), reply text)"

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import os
-import socket
 import sqlite3
 import time
 import uuid
@@ -15,56 +12,30 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
+from broker_env import URLS, Brokers, broker_lock, cleanup, require_broker
 
-from sagakit.messaging import Broker, Envelope, open_broker
+from sagakit.messaging import Broker, Envelope
 from sagakit.remote import command_id
-
-# name -> (URL, the adapter's module)
-BROKERS = {
-    "memory": ("memory://", "sagakit.messaging.memory"),
-    "rabbitmq": (
-        os.environ.get("SAGAKIT_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/"),
-        "sagakit.messaging.rabbitmq",
-    ),
-    "nats": (
-        os.environ.get("SAGAKIT_TEST_NATS", "nats://127.0.0.1:4222"),
-        "sagakit.messaging.nats",
-    ),
-    "redis": (
-        os.environ.get("SAGAKIT_TEST_REDIS", "redis://127.0.0.1:6379/0"),
-        "sagakit.messaging.redis",
-    ),
-}
-
-
-def require_broker(name: str) -> str:
-    """The URL of broker ``name``; skip if its adapter is not there, skip (locally) or fail
-    (CI=true) if the broker is not running."""
-    url, module = BROKERS[name]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"the {name} adapter ({module}) does not exist yet")
-    if name == "memory":
-        return f"memory://svc-{uuid.uuid4().hex[:8]}"
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), 1):
-            return url
-    except OSError as exc:
-        reason = f"{name} is not reachable at {parts.hostname}:{parts.port} ({exc})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must start it (see .ci/run)")
-    pytest.skip(reason)
 
 
 @contextlib.asynccontextmanager
-async def connected(url: str) -> AsyncIterator[Broker]:
-    broker = open_broker(url)
-    await broker.connect()
-    try:
-        yield broker
-    finally:
-        await broker.close()
+async def connected(kind: str) -> AsyncIterator[Broker]:
+    """A connected broker of ``kind`` in a namespace (prefix) of its own, cleaned up after.
+
+    A real broker that is not running skips the test (fails it under CI=true); the shared
+    lock keeps the broker restart tests of another pytest process from stopping it meanwhile.
+    """
+    require_broker(kind)
+    brokers = Brokers(kind, f"t{uuid.uuid4().hex[:10]}")
+    async with broker_lock(exclusive=False):
+        try:
+            yield await brokers.open()
+        finally:
+            for broker in brokers.made:
+                await broker.close()
+            if kind != "memory":
+                with contextlib.suppress(Exception):  # best effort, like the broker tests
+                    await cleanup(kind, URLS[kind], brokers.prefix, brokers.queues())
 
 
 def command(
