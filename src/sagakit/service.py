@@ -15,17 +15,16 @@
     async with service: ...      # or: handle commands in the background meanwhile
 
 Each command ``"ReserveItems"`` is consumed from the topic ``"InventoryService.ReserveItems"``
-in the consumer group named after the service (its processes share the work; the
-orchestrator's outbox declares the same group before its first command, so commands sent
-before the service ever ran wait for it), declared before :meth:`Service.start` returns. For
-every delivery the service looks the message id up in the inbox (:mod:`sagakit.inbox`): a duplicate gets its
-stored reply published again; a new command runs its handler in the inbox transaction, and
-the reply is stored with the inbox row before it is published to the command's ``reply_to``
-topic and the delivery acked. The handler's result is replied as ``SagaStepCompleted``; any
-exception it raises is a business error, replied as ``SagaStepFailed`` with
-``{"type": ..., "message": ...}`` (its writes to ``ctx.db`` are rolled back, the failure is
-remembered like a success). Only a failure of the inbox or the broker leaves the delivery
-unacked, to be delivered again.
+in the consumer group named after the service (its processes share the work; the orchestrator's
+outbox declares the same group before its first command, so commands sent before the service
+ever ran wait for it), declared before :meth:`Service.start` returns. For every delivery the
+service looks the message id up in the inbox (:mod:`sagakit.inbox`): a duplicate gets its
+stored reply published again; a new command runs its handler in the inbox transaction, and the
+reply is stored with the inbox row before it is published to the command's ``reply_to`` topic
+and the delivery acked. The handler's result is replied as ``SagaStepCompleted``; any exception
+it raises is a business error, replied as ``SagaStepFailed`` with ``{"type": ..., "message":
+...}`` (its writes to ``ctx.db`` are rolled back, the failure is remembered like a success).
+Only a failure of the inbox or the broker leaves the delivery unacked, to be delivered again.
 
 The inbox is durable: without ``inbox=`` it is the SQLite file ``<name>-inbox.db`` in the
 working directory. Pass the database the handlers write to (sagakit's own, or the service's)
