@@ -183,7 +183,7 @@ def _timeline_table(rows: list[TimelineRow], start: float) -> Table:
     return table
 
 
-def _summary(info: SagaInfo) -> Table:
+def _summary(info: SagaInfo, *, tracked: bool = False) -> Table:
     grid = Table.grid(padding=(0, 2))
     took = (info.updated_at - info.created_at).total_seconds()
     fields = [
@@ -196,7 +196,9 @@ def _summary(info: SagaInfo) -> Table:
         ("updated", f"{info.updated_at.isoformat(timespec='milliseconds')} (+{took:.3f} s)"),
         ("input", dumps(_payload(info, "input"), indent=None)),
     ]
-    if info.waiting:
+    if tracked:
+        fields.append(("choreographed", "its services' events move it (recorded by a Tracker)"))
+    elif info.waiting:
         until = info.wake_at.isoformat(timespec="seconds") if info.wake_at else "a signal"
         fields.append(("waiting", f"unloaded until {until}"))
     if info.parent_id:
@@ -233,7 +235,8 @@ def show(saga_id: str, url: str, as_json: bool) -> None:
         click.echo(dumps({"saga": saga, "timeline": steps, "journal": journal}))
         return
     out = console()
-    out.print(_summary(info))
+    tracked = bool(entries and (entries[0].data or {}).get("tracked"))
+    out.print(_summary(info, tracked=tracked))
     out.print()
     out.print(_timeline_table(rows, start))
 
