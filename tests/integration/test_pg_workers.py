@@ -264,14 +264,15 @@ async def audited(url: str, settings: dict[str, Any]) -> Audit:
         return await audit(client, Ledger(settings["ledger_path"]))
 
 
-def assert_sound(found: Audit, orders: int, context: str = "") -> None:
+def assert_sound(found: Audit, orders: int, context: str = "", *, zombie_reruns: int = 0) -> None:
     """All orders ended completed or compensated, as their fate says; nothing applied twice,
-    no committed step ran again, every row matches its journal and no journal lost an entry."""
+    no committed step ran again (but for ``zombie_reruns``), every row matches its journal and
+    no journal lost an entry."""
     states = Counter(found.states.values())
     assert sum(states.values()) == orders, (states, context)
     assert set(states) <= {SagaState.COMPLETED, SagaState.FAILED}, (states, context)
     assert found.ledger.applied_twice == [], context
-    assert found.ledger.committed_reruns == 0, context
+    assert found.ledger.committed_reruns <= zombie_reruns, context
     assert found.ledger.unbalanced == [], context
     assert found.mismatches == [], context
     assert found.gaps == [], f"{context}\n{journal_of(found, found.gaps)}"
@@ -412,7 +413,11 @@ async def test_a_worker_paused_past_its_lease_is_fenced_out_when_it_wakes(
     assert "dropping saga" in log, context
     assert "no longer owns saga" in log, context
     found = await audited(pg_url, settings)
-    assert_sound(found, orders, context)
+    # A worker paused (SIGSTOP) after it decided to run a step body and before the body began
+    # runs that body when it resumes, whatever check came before: at most one late body per
+    # saga it held, after the new owner committed that step. Its journal writes are fenced out
+    # and the service deduplicated the effect (applied_twice stays empty).
+    assert_sound(found, orders, context, zombie_reruns=len(held))
     calls = Ledger(settings["ledger_path"]).calls()
     assert {c.saga_id for c in calls if c.saga_id in held and c.pid == other.pid}, context
     dropped = set(re.findall(r"dropping saga (\S+):", log))
