@@ -93,6 +93,8 @@ class Service:
         self._owns_broker = isinstance(broker, str)
         self.broker: Broker = open_broker(broker) if isinstance(broker, str) else broker
         self._owns_inbox = not isinstance(inbox, Inbox)
+        # False when the inbox is the default file: the handlers have no database of their own.
+        self.inbox_given = inbox is not None
         self.inbox = (
             inbox
             if isinstance(inbox, Inbox)
@@ -134,6 +136,11 @@ class Service:
         return register
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def handlers(self) -> dict[str, Handler]:
+        """The registered handlers by topic (``"InventoryService.ReserveItems"``)."""
+        return dict(self._handlers)
 
     async def start(self) -> None:
         """Open the inbox (and the broker, if given by URL) and consume in the background."""

@@ -107,5 +107,14 @@ class OutboxRelay:
         except CorruptMessage:
             log.exception("dropping outbox message %s: not an envelope", message.id)
             return
+        if message.topic not in self._declared:
+            # The service's queue exists before its first command: it waits there for it.
+            await self.broker.declare(message.topic, service_group(message.topic))
+            self._declared.add(message.topic)
         await self.broker.publish(message.topic, envelope)
-        return
+
+
+def service_group(command: str) -> str:
+    """The consumer group of the service a command goes to: ``InventoryService`` for
+    ``InventoryService.ReserveItems`` (the group :class:`sagakit.service.Service` uses)."""
+    return command.split(".", 1)[0]

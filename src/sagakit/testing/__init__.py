@@ -12,6 +12,13 @@ compensation, a crash at each journal write) and checks every run::
 
 A failing point runs again alone by its id: ``explore(..., only="crash@7")``.
 
+A saga with remote steps is explored with the services that answer its commands, run
+in-process without a broker; its points then also lose commands and replies and deliver
+commands twice (``timeout@``, ``noreply@``, ``dup@``, ``dup@undo:``)::
+
+    report = await explore(app, "RemoteOrderFulfillment", order, invariant=books_balance,
+                           services=create_services("memory://x", ledger_path=ledger))
+
 The pytest plugin (:mod:`sagakit.testing.plugin`, registered when sagakit is installed) gives
 tests an App on a temporary database (``sagakit_app``) with a virtual clock
 (``sagakit_clock``), and ``sagakit_explore``, which honours ``--sagakit-point ID``.

@@ -19,6 +19,14 @@ _OUTCOMES = {
 }
 
 
+def acted(e: Entry) -> bool:
+    """Whether ``e`` records a step that may have had its effect, and so is owed its
+    compensation: it completed, or it was a remote step that timed out (``uncertain``)."""
+    if e.kind is Kind.STEP_COMPLETED:
+        return True
+    return e.kind is Kind.STEP_FAILED and bool((e.data or {}).get("uncertain"))
+
+
 def check_state(state: SagaState, expected: SagaState) -> list[str]:
     if state is expected:
         return []
@@ -77,21 +85,34 @@ def _follows(started: Sequence[int], blocks: Sequence[set[int]]) -> bool:
     return i == len(started)
 
 
+def _acted_steps(
+    journal: Sequence[Entry],
+) -> tuple[dict[int, str], set[int], list[tuple[int, Any]]]:
+    """The steps owed a compensation if they have one: name by seq, the seqs of those that
+    timed out, and (seq, parallel group) in order of completion."""
+    names: dict[int, str] = {}
+    timed_out: set[int] = set()
+    order: list[tuple[int, Any]] = []
+    for e in journal:
+        if acted(e) and e.seq is not None and e.seq not in names:
+            names[e.seq] = e.step or "?"
+            if e.kind is Kind.STEP_FAILED:
+                timed_out.add(e.seq)
+            order.append((e.seq, (e.data or {}).get("group")))
+    return names, timed_out, order
+
+
 def check_compensations(
     journal: Sequence[Entry], state: SagaState, compensable: Callable[[str], bool]
 ) -> list[str]:
     """Compensations ran in reverse completion order for exactly the completed steps that
     have one: all of them if the saga failed or was cancelled, none if it completed, and, if
-    it needs attention, those due before the one that kept failing."""
-    names: dict[int, str] = {}
-    order: list[tuple[int, Any]] = []
-    for e in journal:
-        if e.kind is Kind.STEP_COMPLETED and e.seq is not None and e.seq not in names:
-            names[e.seq] = e.step or "?"
-            order.append((e.seq, (e.data or {}).get("group")))
+    it needs attention, those due before the one that kept failing. A remote step that timed
+    out counts as completed where its failure was journaled (see :func:`acted`)."""
+    names, timed_out, order = _acted_steps(journal)
     started = _first_seqs(journal, Kind.COMPENSATION_STARTED)
     problems = [
-        f"a compensation ran for step seq {seq}, which never completed"
+        f"a compensation ran for step seq {seq}, which never completed nor timed out"
         for seq in started
         if seq not in names
     ]
@@ -109,8 +130,13 @@ def check_compensations(
         got = [names.get(s, "?") for s in started]
         problems.append(f"compensations ran in the order {got}; reverse completion is {want}")
     if state in (SagaState.FAILED, SagaState.CANCELLED):
-        missing = [names[s] for s, _ in owed if s not in done]
-        problems += [f"step {n!r} completed but was never compensated" for n in missing]
+        missing = [s for s, _ in owed if s not in done]
+        problems += [
+            f"step {names[s]!r} "
+            f"{'timed out (it may have acted)' if s in timed_out else 'completed'} "
+            "but was never compensated"
+            for s in missing
+        ]
     return problems
 
 
@@ -123,7 +149,7 @@ def check_owed(journal: Sequence[Entry], compensable: Callable[[str], bool]) -> 
     if not isinstance(listed, list):
         return []
     done = {e.seq for e in journal if e.kind is Kind.COMPENSATION_COMPLETED}
-    completed = [e for e in journal if e.kind is Kind.STEP_COMPLETED]
+    completed = [e for e in journal if acted(e)]
     due = {e.step or "" for e in completed if e.seq not in done and compensable(e.step or "")}
     forgotten = sorted(n for n in due if n not in listed)
     return [f"compensation of {n!r} is owed but not listed in needs_attention" for n in forgotten]

@@ -2,11 +2,13 @@
 
 The driver is a worker of one saga: it builds a :class:`~sagakit.engine.SagaRun` from the
 journal, as recovery does, and runs it. When the run dies at a simulated crash it builds a new
-one from what the journal kept; when the saga unloads to wait (a durable timer, a signal's
-timeout, a child saga), it sends the signals it was given, runs the children to rest (without
-faults: the point is the parent's) or skips the point's clock to the wake-up, and runs it
-again, as a worker claiming the saga then would. While a run goes on, the clock skips
-to the next sleeper (a back-off) whenever no step body is in flight.
+one from what the journal kept; when the saga unloads to wait (a remote step's reply, a durable
+timer, a signal's timeout, a child saga), it has the services it was given answer the saga's
+commands (:mod:`sagakit.testing.services`), sends the signals it was given, runs the children
+to rest (without faults: the point is the parent's) or skips the point's clock to the wake-up
+(a remote step's timeout, say), and runs it again, as a worker claiming the saga then would.
+While a run goes on, the clock skips to the next sleeper (a back-off) whenever no step body is
+in flight.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sagakit.journal import ACTIVE, TERMINAL, Entry, Kind, SagaState, project
 from sagakit.middleware import Middleware
 from sagakit.store.base import WAIT_FOREVER, SagaRecord, Store
 from sagakit.testing.faults import LIFE, FaultyStore, Injector, Probe, Tracker, is_crash
+from sagakit.testing.services import Services
 from sagakit.testing.timeskip import SkipClock
 
 AT_REST = TERMINAL | {SagaState.NEEDS_ATTENTION}
@@ -72,6 +75,7 @@ class Driver:
         executor: Executor,
         resolve: Callable[[str, int | None], Saga | None],
         signals: Mapping[str, str] | None = None,
+        services: Services | None = None,
     ) -> None:
         if "middleware" not in _RUN_PARAMS:
             raise ConfigurationError(
@@ -83,6 +87,7 @@ class Driver:
         self.executor = executor
         self.resolve = resolve
         self.signals = dict(signals or {})  # name -> encoded payload
+        self.services = services
 
     async def start(self, payload: str, clock: SkipClock) -> SagaRecord:
         """Create a saga with ``payload`` (its encoded input), as ``App.start`` would."""
@@ -130,8 +135,10 @@ class Driver:
             journal = await self.store.journal(record.id)
             if state in AT_REST:
                 return Drive(journal=journal, state=state, crashes=crashes)
-            if await self._deliver(record.id, journal, clock) or await self._children(
-                record.id, probe, clock
+            if (
+                await self._answer(record.id, journal, probe, clock)
+                or await self._deliver(record.id, journal, clock)
+                or await self._children(record.id, probe, clock)
             ):
                 continue
             wake_at = getattr(run, "wake_at", None)
@@ -142,6 +149,14 @@ class Driver:
         journal = await self.store.journal(record.id)
         stuck = f"it was still moving after {MAX_RUNS} runs"
         return Drive(journal=journal, state=None, crashes=crashes, stuck=stuck)
+
+    async def _answer(
+        self, saga_id: str, journal: list[Entry], probe: Probe, clock: SkipClock
+    ) -> bool:
+        """Have the services answer the saga's commands; return whether a reply was stored."""
+        if self.services is None:
+            return False
+        return await self.services.deliver(self.store, saga_id, journal, probe, clock)
 
     async def _deliver(self, saga_id: str, journal: list[Entry], clock: SkipClock) -> bool:
         """Send each signal the saga waits for that explore was given a payload for (once per
@@ -176,6 +191,7 @@ class Driver:
                     executor=self.executor,
                     resolve=self.resolve,
                     signals=self.signals,
+                    services=self.services,
                 )
                 drive = await driver.drive(child, Probe(f"{probe.point}/child"), clock)
                 rested = rested or drive.state is not None
@@ -235,4 +251,11 @@ def _waits(journal: list[Entry]) -> str:
             name = (e.data or {}).get("name")
             return f"it waits for signal {name!r}, which explore does not send"
         return f"it waits ({e.kind.value}) and nothing wakes it"
+    replies = [
+        *(d for seq, d in p.started_data.items() if seq not in p.outcomes),
+        *(d for seq, d in p.compensation_data.items() if seq not in p.compensated),
+    ]
+    for data in replies:
+        if data.get("topic"):
+            return f"it waits for the reply to {data['topic']}, which never came (no timeout)"
     return "it stopped without coming to rest"

@@ -3,15 +3,19 @@
 Explore runs the sagas itself, in a scratch SQLite database of its own (a temporary directory),
 with the App's definitions and middleware: the App's own database is never touched and the App
 need not be open. Every point runs on its own clock, which skips the time that back-offs and
-timers would wait, so a point whose compensation fails five times takes milliseconds.
+timers would wait, so a point whose compensation fails five times takes milliseconds. The
+commands of remote steps are answered in-process by the services given to explore, without a
+broker (:mod:`sagakit.testing.services`).
 
 After each run, explore checks that:
 
 1. the saga ended in the state the point calls for (see :mod:`sagakit.testing.points`);
 2. compensations ran in reverse order of completion for exactly the completed steps that have
-   one (the steps of one parallel group in any order among themselves), each once;
+   one (the steps of one parallel group in any order among themselves), each once; a remote
+   step that timed out counts as completed (it may have acted);
 3. no action or compensation ran again after its outcome was durable in the journal;
-4. the caller's invariant holds.
+4. a remote step's handler answered a second delivery of its command as it did the first;
+5. the caller's invariant holds.
 """
 
 from __future__ import annotations
@@ -40,20 +44,25 @@ from sagakit.testing.checks import (
 from sagakit.testing.driver import Driver
 from sagakit.testing.faults import Probe
 from sagakit.testing.points import (
+    REMOTE_KINDS,
     FailurePoint,
     Plan,
     PointKind,
     compensating,
     compensation_crashes,
+    duplicate_compensations,
     plan_of,
     points_of,
+    remote_compensations,
     select,
 )
 from sagakit.testing.report import ExploreReport, PointResult, PointRun, Status
+from sagakit.testing.services import Services
 from sagakit.testing.timeskip import SkipClock
 
 if TYPE_CHECKING:
     from sagakit.app import App
+    from sagakit.service import Service
 
 # fn(run) -> anything, or an awaitable of it: see explore()'s ``invariant``.
 Invariant = Callable[[PointRun], object]
@@ -83,6 +92,8 @@ async def explore(
     only: str | Sequence[str] | None = None,
     expect: Mapping[str, SagaState | str] | None = None,
     signals: Mapping[str, Any] | None = None,
+    services: Sequence[Service] = (),
+    service_inboxes: bool = True,
     print_table: bool = True,
     point_timeout: float = 60.0,
 ) -> ExploreReport:
@@ -105,6 +116,14 @@ async def explore(
         signals: payloads by signal name: when the saga waits for one of these, explore sends
             it (once per wait). A wait for another signal runs into its timeout, or, without
             one, leaves the point stuck (reported as failed).
+        services: the services whose handlers answer the saga's remote steps, in-process and
+            without a broker (each :class:`~sagakit.service.Service` is neither started nor
+            connected). Their effects are your state: check them in ``invariant``. Remote
+            steps add the points ``timeout@``, ``noreply@``, ``dup@`` and ``dup@undo:`` (see
+            :mod:`sagakit.testing.points`).
+        service_inboxes: run the handlers of a service made with ``inbox=URL`` in
+            transactions of that database, as the service would (``ctx.db`` is their
+            connection); False, or a service on the default inbox: ``ctx.db`` is None.
         print_table: print the report's table when done.
         point_timeout: real seconds one point may take before it counts as stuck.
 
@@ -115,18 +134,24 @@ async def explore(
     Raises:
         UnknownSagaType: ``app`` has no definition of ``saga_type``.
         NotSerializable: ``data`` or a signal's payload cannot be stored as JSON.
-        ConfigurationError: an id in ``only`` or ``expect`` is not a point of this saga.
+        ConfigurationError: an id in ``only`` or ``expect`` is not a point of this saga;
+            the saga sends a command that none of ``services`` handles (a workflow's, only
+            once it sends it: the point that ran into it fails); two services handle one.
+        StoreError: a service's inbox database cannot be opened.
     """
     saga = app.definition(saga_type)
     if saga is None:
         raise UnknownSagaType(saga_type, app.saga_types)
     payload = encode(data, what=f"the input of saga {saga_type!r}")
     sent = {k: encode(v, what=f"the payload of signal {k!r}") for k, v in (signals or {}).items()}
+    answering = Services(services, inboxes=service_inboxes)
+    answering.check(saga)
     with tempfile.TemporaryDirectory(prefix="sagakit-explore-") as tmp:
         store = SqliteStore(str(Path(tmp) / "explore.db"), durability="normal")
         executor = ThreadPoolExecutor(8, thread_name_prefix="sagakit-explore")
-        await store.open()
         try:
+            await answering.open(executor)
+            await store.open()
             driver = Driver(
                 store=store,
                 saga=saga,
@@ -134,6 +159,7 @@ async def explore(
                 executor=executor,
                 resolve=app.definition,
                 signals=sent,
+                services=answering,
             )
             session = _Session(
                 driver,
@@ -146,6 +172,7 @@ async def explore(
             report = await session.explore(only, expect)
         finally:
             await store.close()
+            await answering.close()
             executor.shutdown(wait=False, cancel_futures=True)
     if print_table:
         print(report.table())
@@ -208,10 +235,12 @@ class _Session:
             return plan, points, done
         back = done[base.id] = await self._point(base)
         points += compensation_crashes(base, back.probe.writes)
+        journal = () if back.run is None else back.run.journal
         if plan.compensable is None and back.run is not None:
             # Only a run shows which of a workflow's steps have a compensation.
-            undone = {e.step for e in back.run.journal if e.kind is Kind.COMPENSATION_STARTED}
+            undone = {e.step for e in journal if e.kind is Kind.COMPENSATION_STARTED}
             points = [p for p in points if p.kind is not PointKind.UNDO or p.step in undone]
+        points = duplicate_compensations(points, remote_compensations(self.saga, journal))
         return plan, points, done
 
     def _compensable(self, plan: Plan, ran: Sequence[_Ran]) -> Callable[[str], bool]:
@@ -278,6 +307,12 @@ def _not_fired(point: FailurePoint, probe: Probe, *, declared: bool) -> str:
         if declared:  # a declared compensation must run: the checks will say why it did not
             return ""
         return f"no compensation of {point.step} ran; it may have none"
+    if point.kind in REMOTE_KINDS and point.faults()[0] not in probe.struck:
+        if point.trigger is None:
+            return f"no command of {point.step} was sent"
+        if declared:
+            return ""
+        return f"no compensation of {point.step} was sent; it may have none"
     return ""
 
 
@@ -300,6 +335,7 @@ def _verdict(ran: _Ran, compensable: Callable[[str], bool]) -> PointResult:
         problems += check_compensations(journal, run.state, compensable)
         problems += check_owed(journal, compensable)
         problems += check_reruns(ran.probe.calls, ran.probe.commits)
+        problems += dict.fromkeys(ran.probe.problems)  # once each, however often it came
     problems += ran.problems
     status = Status.FAILED if problems else Status.OK
     return PointResult(

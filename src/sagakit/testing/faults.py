@@ -1,16 +1,20 @@
 """The faults explore injects, and what it watches while one failure point runs.
 
 An error is raised in place of a step's action or compensation by :class:`Injector`, the
-innermost middleware. A crash happens at a journal write: :class:`FaultyStore` wraps the store,
-holds ``append_soon`` entries back until the next durable write (so that a crash loses them, as
-it would lose a real process's queue) and, at the chosen write, drops what is queued and raises
-:class:`SimulatedCrash` through the run. Both share a :class:`Probe`, which numbers every call
-and every commit on one counter, so that a call can be placed after or before a commit.
+innermost middleware. A remote step's command does not pass through middleware: its faults
+(a failed reply, a lost command or reply, a second delivery) are applied where explore plays
+the broker (:mod:`sagakit.testing.services`). A crash happens at a journal write:
+:class:`FaultyStore` wraps the store, holds ``append_soon`` entries back until the next durable
+write (so that a crash loses them, as it would lose a real process's queue) and, at the chosen
+write, drops what is queued and raises :class:`SimulatedCrash` through the run. All share a
+:class:`Probe`, which numbers every call and every commit on one counter, so that a call can be
+placed after or before a commit.
 """
 
 from __future__ import annotations
 
 import contextvars
+import enum
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,28 +63,47 @@ def is_crash(exc: BaseException) -> bool:
     return isinstance(exc, BaseExceptionGroup) and exc.subgroup(SimulatedCrash) is not None
 
 
+class Effect(enum.StrEnum):
+    """What a fault does to the calls it hits."""
+
+    ERROR = "error"  # fails instead of running (a remote command: a failed reply, unhandled)
+    DROP = "drop"  # remote only: the command is lost, the step times out
+    LOSE_REPLY = "lose_reply"  # remote only: the handler runs, its reply is lost
+    DUPLICATE = "duplicate"  # remote only: the command is handled twice
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fault:
-    """An error to inject: every attempt of ``step``'s action (or compensation) fails, or
-    only the first when ``first_attempt_only``."""
+    """A fault to inject into every attempt of ``step``'s action (or compensation), or only
+    the first when ``first_attempt_only``: an error unless ``effect`` says otherwise."""
 
     step: str
     compensation: bool = False
     first_attempt_only: bool = False
+    effect: Effect = Effect.ERROR
+
+    def matches(self, step: str, *, compensation: bool, attempt: int) -> bool:
+        if step != self.step or compensation != self.compensation:
+            return False
+        return attempt == 1 or not self.first_attempt_only
 
     def hits(self, call: StepCall) -> bool:
-        if call.step != self.step or call.compensation != self.compensation:
-            return False
-        return call.attempt == 1 or not self.first_attempt_only
+        """Whether this fault fails ``call``, a local step's call through the middleware."""
+        return self.effect is Effect.ERROR and self.matches(
+            call.step, compensation=call.compensation, attempt=call.attempt
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallRecord:
-    """One action or compensation call that reached the innermost middleware.
+    """One action or compensation call that reached the innermost middleware, or one
+    command of a remote step that explore delivered to its service's handler.
 
     ``tick`` orders it among the other calls and the commits of the same run; ``injected``
-    says the call failed with an :class:`InjectedFault` instead of running; ``life`` counts the
-    crashes before it.
+    says the call failed with an :class:`InjectedFault` instead of running (for a command:
+    its service replied failed, or the command was lost, without the handler running);
+    ``life`` counts the crashes before it. ``remote`` marks a command handled by a service
+    given to explore, ``duplicate`` its second delivery (at a ``dup@`` point).
     """
 
     tick: int
@@ -90,6 +113,8 @@ class CallRecord:
     kind: StepKind
     injected: bool
     life: int
+    remote: bool = False
+    duplicate: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +145,8 @@ class Probe:
         self.faults = tuple(faults)
         self.crash_at = crash_at
         self.calls: list[CallRecord] = []
+        self.struck: list[Fault] = []  # the faults that hit a call, once per hit
+        self.problems: list[str] = []  # found while the run went on (a reply that differs)
         self.writes: list[Write] = []
         self.commits: list[tuple[Entry, int]] = []  # each entry with the tick it became durable
         self.in_flight = 0
@@ -133,6 +160,13 @@ class Probe:
     def alive(self) -> bool:
         life = LIFE.get()
         return life is None or life == self.life
+
+    def fault(self, step: str, *, compensation: bool, attempt: int) -> Fault | None:
+        """The fault that hits this attempt of a step's action or compensation, if any."""
+        return next(
+            (f for f in self.faults if f.matches(step, compensation=compensation, attempt=attempt)),
+            None,
+        )
 
     def kill(self) -> None:
         """End this life of the process: whatever is left of its run can no longer act."""
@@ -179,7 +213,9 @@ class Injector(Middleware):
         probe = self.probe
         if not probe.alive():
             raise SimulatedCrash(f"{probe.point}: a call from a crashed run")
-        injected = any(f.hits(call) for f in probe.faults)
+        hit = [f for f in probe.faults if f.hits(call)]
+        probe.struck += hit
+        injected = bool(hit)
         probe.calls.append(
             CallRecord(
                 tick=probe.tick(),

@@ -14,6 +14,21 @@ Ids are stable, so that one point can be run again alone:
 - ``error@<step>+crash@<n>``: the same on the way back: ``<step>`` (the last step whose failure
   compensates every compensatable step before it) fails, and the process dies at the ``n``-th
   write of that run, from the write that records the failure on.
+
+A remote step (a command to a service) fails where explore plays the broker: at
+``error@<step>`` its service replies ``SagaStepFailed`` without running the handler, at
+``error@undo:<step>`` it does so to the compensation's command. Remote steps have more points:
+
+- ``timeout@<step>`` (a step with a timeout): its command is lost, so it times out. A timed-out
+  remote step may have acted: the saga compensates it too (with result None);
+- ``noreply@<step>`` (a step with a timeout): its service handles the command, but the reply is
+  lost, so it times out although it acted: its compensation must undo an effect whose result
+  it never saw;
+- ``dup@<step>``: its command is handled twice (a redelivery, or a re-sent attempt that the
+  inbox does not know): the handler must be idempotent by ``ctx.idempotency_key``, and answer
+  the same both times;
+- ``dup@undo:<step>`` (a remote compensation): its command is handled twice, a later step
+  failing as for ``error@undo:<step>``.
 """
 
 from __future__ import annotations
@@ -25,7 +40,8 @@ from dataclasses import dataclass, replace
 from sagakit.definition import Saga, StepKind, flatten
 from sagakit.errors import ConfigurationError
 from sagakit.journal import Entry, Kind, SagaState
-from sagakit.testing.faults import CallRecord, Fault, Write
+from sagakit.remote import Remote
+from sagakit.testing.faults import CallRecord, Effect, Fault, Write
 
 
 class PointKind(enum.StrEnum):
@@ -33,6 +49,17 @@ class PointKind(enum.StrEnum):
     ERROR = "error"
     UNDO = "undo"
     CRASH = "crash"
+    TIMEOUT = "timeout"  # remote: the command is lost
+    NOREPLY = "noreply"  # remote: the reply is lost
+    DUP = "dup"  # remote: the command is handled twice
+
+
+REMOTE_KINDS = frozenset({PointKind.TIMEOUT, PointKind.NOREPLY, PointKind.DUP})
+_EFFECTS = {
+    PointKind.TIMEOUT: Effect.DROP,
+    PointKind.NOREPLY: Effect.LOSE_REPLY,
+    PointKind.DUP: Effect.DUPLICATE,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,11 +67,16 @@ class FailurePoint:
     """One failure that explore injects.
 
     Attributes:
-        id: ``clean``, ``error@<step>``, ``error@undo:<step>``, ``crash@<n>`` or
-            ``error@<step>+crash@<n>`` (see the module's docstring).
-        kind: which of the four (the last is a crash, with ``step`` set).
-        step: the step whose action (``error``) or compensation (``undo``) fails.
-        trigger: for ``undo``, the later step whose action fails so that compensation starts.
+        id: ``clean``, ``error@<step>``, ``error@undo:<step>``, ``crash@<n>``,
+            ``error@<step>+crash@<n>``; for remote steps also ``timeout@<step>``,
+            ``noreply@<step>``, ``dup@<step>`` and ``dup@undo:<step>`` (see the module's
+            docstring).
+        kind: which kind of failure (``error@<step>+crash@<n>`` is a crash with ``step`` set;
+            ``dup@undo:<step>`` a duplicate with ``trigger`` set).
+        step: the step whose action (``error``) or compensation (``undo``) fails, or whose
+            command is lost, unanswered or duplicated.
+        trigger: for ``undo`` (and ``dup@undo:``), the later step whose action fails so that
+            compensation starts.
         checkpoint: for ``crash``, the journal write (1-based) the process dies at; with
             ``step`` set, that step fails first and the write is one of that run's.
         first_attempt_only: for ``error``, only the first attempt fails (a retriable step).
@@ -67,17 +99,28 @@ class FailurePoint:
             return (Fault(step=self.step, first_attempt_only=self.first_attempt_only),)
         if self.kind is PointKind.UNDO and self.step is not None and self.trigger is not None:
             return (Fault(step=self.step, compensation=True), Fault(step=self.trigger))
-        return ()
+        effect = _EFFECTS.get(self.kind)
+        if effect is None or self.step is None:
+            return ()
+        if self.trigger is not None:  # dup@undo: the compensation, which the trigger starts
+            return (
+                Fault(step=self.step, compensation=True, effect=effect),
+                Fault(step=self.trigger),
+            )
+        return (Fault(step=self.step, effect=effect, first_attempt_only=self.first_attempt_only),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepInfo:
-    """A step as the clean run met it."""
+    """A step as the clean run met it: ``remote`` if a command to a service, ``timeout`` if
+    it has one."""
 
     name: str
     kind: StepKind
     group: int | None
     completed: bool
+    remote: bool = False
+    timeout: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +142,17 @@ def declared_compensations(saga: Saga) -> frozenset[str] | None:
     return frozenset(s.name for s in flatten(saga.steps) if s.compensate is not None)
 
 
+def remote_compensations(saga: Saga, journal: Sequence[Entry]) -> frozenset[str]:
+    """The steps whose compensation is a command: declared, or seen sent in ``journal``."""
+    sent = {
+        e.step or ""
+        for e in journal
+        if e.kind is Kind.COMPENSATION_STARTED and (e.data or {}).get("topic")
+    }
+    declared = {s.name for s in flatten(saga.steps) if isinstance(s.compensate, Remote)}
+    return frozenset(sent | declared)
+
+
 def plan_of(
     saga: Saga,
     calls: Sequence[CallRecord],
@@ -108,16 +162,28 @@ def plan_of(
 ) -> Plan:
     groups: dict[str, int | None] = {}
     completed: set[str] = set()
+    remote: set[str] = set()
+    timed: set[str] = set()
     for e in journal:
         if e.kind in (Kind.STEP_STARTED, Kind.STEP_COMPLETED) and e.step is not None:
-            groups[e.step] = (e.data or {}).get("group", groups.get(e.step))
+            data = e.data or {}
+            groups[e.step] = data.get("group", groups.get(e.step))
             if e.kind is Kind.STEP_COMPLETED:
                 completed.add(e.step)
+            elif data.get("topic"):
+                remote.add(e.step)
+                if data.get("ends") is not None:
+                    timed.add(e.step)
     steps: dict[str, StepInfo] = {}
     for c in calls:
         if not c.compensation and c.step not in steps:
             steps[c.step] = StepInfo(
-                name=c.step, kind=c.kind, group=groups.get(c.step), completed=c.step in completed
+                name=c.step,
+                kind=c.kind,
+                group=groups.get(c.step),
+                completed=c.step in completed,
+                remote=c.step in remote,
+                timeout=c.step in timed,
             )
     return Plan(
         steps=tuple(steps.values()),
@@ -153,13 +219,45 @@ def _error_point(plan: Plan, index: int) -> FailurePoint:
             description=f"{s.name} fails its first attempt",
         )
     expected = SagaState.NEEDS_ATTENTION if _past_no_return(plan, index) else SagaState.FAILED
+    how = " (its service replies failed)" if s.remote else ""
     return FailurePoint(
         id=f"error@{s.name}",
         kind=PointKind.ERROR,
         step=s.name,
         expected=expected,
-        description=f"{s.name} always fails",
+        description=f"{s.name} always fails{how}",
     )
+
+
+def _remote_points(plan: Plan, index: int) -> list[FailurePoint]:
+    """A remote step's lost command and lost reply (if it has a timeout), and its command
+    handled twice. A lost command or reply fails the step like an error does, and only the
+    first attempt's of a retriable step."""
+    s = plan.steps[index]
+    if not s.remote:
+        return []
+    error = _error_point(plan, index)
+    first = " (its first attempt)" if error.first_attempt_only else ""
+    points = []
+    if s.timeout:
+        lost = {
+            PointKind.TIMEOUT: f"{s.name}'s command is lost: it times out{first}",
+            PointKind.NOREPLY: f"{s.name} acts, its reply is lost: it times out{first}",
+        }
+        points += [
+            replace(error, id=f"{kind.value}@{s.name}", kind=kind, description=text)
+            for kind, text in lost.items()
+        ]
+    points.append(
+        FailurePoint(
+            id=f"dup@{s.name}",
+            kind=PointKind.DUP,
+            step=s.name,
+            expected=plan.end,
+            description=f"{s.name}'s command is handled twice",
+        )
+    )
+    return points
 
 
 def _trigger(plan: Plan, index: int) -> StepInfo | None:
@@ -200,7 +298,29 @@ def points_of(plan: Plan) -> list[FailurePoint]:
     )
     errors = [_error_point(plan, i) for i in range(len(plan.steps))]
     undos = [p for i in range(len(plan.steps)) if (p := _undo_point(plan, i)) is not None]
-    return [clean, *errors, *undos, *crash_points(plan.writes, plan.end)]
+    remote = [p for i in range(len(plan.steps)) for p in _remote_points(plan, i)]
+    return [clean, *errors, *undos, *remote, *crash_points(plan.writes, plan.end)]
+
+
+def duplicate_compensations(
+    points: Sequence[FailurePoint], remote: frozenset[str]
+) -> list[FailurePoint]:
+    """``points`` with a ``dup@undo:<step>`` point after the last non-crash point for each
+    ``error@undo:<step>`` whose compensation is a command (a step in ``remote``): the same
+    trigger fails, and the compensation's command is handled twice."""
+    dups = [
+        replace(
+            p,
+            id=f"dup@undo:{p.step}",
+            kind=PointKind.DUP,
+            expected=SagaState.FAILED,
+            description=f"compensation of {p.step} is handled twice ({p.trigger} fails)",
+        )
+        for p in points
+        if p.kind is PointKind.UNDO and p.step in remote
+    ]
+    at = next((i for i, p in enumerate(points) if p.kind is PointKind.CRASH), len(points))
+    return [*points[:at], *dups, *points[at:]]
 
 
 def crash_points(
