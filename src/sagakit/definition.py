@@ -35,8 +35,11 @@ class RetryPolicy:
         backoff: multiplier of the interval after each attempt.
         max_interval: cap on any one interval, in seconds.
         jitter: fraction of each interval drawn at random (0.2 means ±20 %).
-        retry_on: exception types that are retried; others fail the step at once.
-        non_retryable: exception types never retried, even if they match ``retry_on``.
+        retry_on: exception types that are retried; others fail the step at once. A name
+            (``"ServiceUnavailable"``) matches an exception of that class name, and a remote
+            step's failed reply whose handler raised that type (``RemoteStepFailed``).
+        non_retryable: exception types (or names) never retried, even if they match
+            ``retry_on``.
     """
 
     max_attempts: int = 3
@@ -44,8 +47,8 @@ class RetryPolicy:
     backoff: float = 2.0
     max_interval: float = 30.0
     jitter: float = 0.2
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-    non_retryable: tuple[type[BaseException], ...] = ()
+    retry_on: tuple[type[BaseException] | str, ...] = (Exception,)
+    non_retryable: tuple[type[BaseException] | str, ...] = ()
 
     def __post_init__(self) -> None:
         attempts = self.max_attempts
@@ -68,8 +71,12 @@ class RetryPolicy:
                     f"{name} must be a tuple of exception types, e.g. (ValueError,); got {types!r}"
                 )
             for t in types:
+                if isinstance(t, str) and t.isidentifier():
+                    continue
                 if not (isinstance(t, type) and issubclass(t, BaseException)):
-                    raise InvalidRetryPolicy(f"{t!r} in {name} is not an exception type")
+                    raise InvalidRetryPolicy(
+                        f"{t!r} in {name} is not an exception type or an exception's name"
+                    )
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed ``attempt`` (1-based) before the next one."""
@@ -84,9 +91,16 @@ class RetryPolicy:
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """Whether failed ``attempt`` with ``exc`` is followed by another attempt."""
-        if attempt >= self.max_attempts or isinstance(exc, self.non_retryable):
+        if attempt >= self.max_attempts or _matches(exc, self.non_retryable):
             return False
-        return isinstance(exc, self.retry_on)
+        return _matches(exc, self.retry_on)
+
+
+def _matches(exc: BaseException, kinds: tuple[type[BaseException] | str, ...]) -> bool:
+    """Whether ``exc`` is one of ``kinds``: a class, or a name that is its class's or (for a
+    remote step's failed reply) the remote handler's exception type."""
+    names = {type(exc).__name__, getattr(exc, "error_type", None)}
+    return any(k in names if isinstance(k, str) else isinstance(exc, k) for k in kinds)
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)

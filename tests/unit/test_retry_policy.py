@@ -34,7 +34,7 @@ def test_defaults_are_valid() -> None:
         pytest.param({"jitter": 1.5}, "got 1.5", id="jitter-high"),
         pytest.param({"jitter": float("nan")}, "jitter", id="jitter-nan"),
         pytest.param({"retry_on": (int,)}, "is not an exception type", id="retry-on-int"),
-        pytest.param({"retry_on": ("ValueError",)}, "'ValueError' in retry_on", id="str"),
+        pytest.param({"retry_on": ("not a name",)}, "'not a name' in retry_on", id="str"),
         pytest.param({"non_retryable": (ValueError, str)}, "<class 'str'>", id="non-retryable"),
     ],
 )
@@ -165,3 +165,23 @@ def test_base_exceptions_are_not_retried_by_default() -> None:
     policy = RetryPolicy(max_attempts=5)
     assert policy.should_retry(asyncio.CancelledError(), 1) is False
     assert policy.should_retry(KeyboardInterrupt(), 1) is False
+
+
+def test_a_name_matches_the_class_name_and_a_remote_handlers_error_type() -> None:
+    from sagakit.remote import RemoteStepFailed
+
+    policy = RetryPolicy(max_attempts=3, retry_on=("ServiceUnavailable", TimeoutError))
+    glitch = RemoteStepFailed("Pay.Charge", "ServiceUnavailable", "try again")
+    declined = RemoteStepFailed("Pay.Charge", "PaymentDeclined", "card declined")
+    assert policy.should_retry(glitch, 1)
+    assert not policy.should_retry(declined, 1)
+    assert policy.should_retry(TimeoutError(), 1)
+
+    class ServiceUnavailable(Exception):
+        pass
+
+    assert policy.should_retry(ServiceUnavailable(), 2)
+    assert not policy.should_retry(ServiceUnavailable(), 3)  # out of attempts
+    never = RetryPolicy(retry_on=(Exception,), non_retryable=("PaymentDeclined",))
+    assert not never.should_retry(declined, 1)
+    assert never.should_retry(glitch, 1)
