@@ -59,11 +59,19 @@ NOT_EXPLORABLE_EXAMPLES = {
     # records those events: no orchestrator, nothing for explore to drive or fail.
     "choreographed_order": "a choreographed flow has no saga definition",
 }
+# Modules of sagakit.examples that are no example but code the examples share, each with what
+# it holds; checked below to define no Saga. The examples that use them test them.
+EXAMPLE_HELPERS = {
+    "runner": "run machinery of remote_order and choreographed_order: processes, summaries",
+    "remote_services": "the services of remote_order, whose saga is explored above",
+}
 
 
 def test_every_example_is_explored() -> None:
     examples = {m.name for m in pkgutil.iter_modules(sagakit.examples.__path__)}
-    unexplored = examples - EXPLORED_EXAMPLES - NOT_EXPLORABLE_EXAMPLES.keys()
+    unexplored = (
+        examples - EXPLORED_EXAMPLES - NOT_EXPLORABLE_EXAMPLES.keys() - EXAMPLE_HELPERS.keys()
+    )
     assert not unexplored, (
         f"explore {sorted(unexplored)} in this file (or, if it has no saga definition, list it "
         "in NOT_EXPLORABLE_EXAMPLES with the reason)"
@@ -77,6 +85,12 @@ def test_every_example_is_explored() -> None:
         assert not sagas, f"{name} is not explored because {why}, yet it defines {sagas}"
         covered = any(f"examples.{name}" in text or f"import {name}" in text for text in tests)
         assert covered, f"{name} is not explored ({why}); its own tests must cover it"
+    for name in sorted(examples & EXAMPLE_HELPERS.keys()):
+        module = importlib.import_module(f"sagakit.examples.{name}")
+        sagas = [k for k, v in vars(module).items() if isinstance(v, Saga)]
+        assert not sagas, (
+            f"{name} is listed as a helper ({EXAMPLE_HELPERS[name]}), yet defines {sagas}"
+        )
 
 
 def ledger_effects(path: Path, saga_id: str) -> tuple[set[str], set[str]]:

@@ -9,4 +9,7 @@
   service processes and the orchestrator over RabbitMQ, NATS or Redis, in one command.
 - :mod:`sagakit.examples.choreographed_order`: the same flow as services reacting to each
   other's events, followed by a Tracker.
+
+:mod:`~sagakit.examples.remote_services` (the four services of ``remote_order``) and
+:mod:`~sagakit.examples.runner` (processes, summaries and audits shared by both) support them.
 """

@@ -57,10 +57,10 @@ from sagakit.examples.order_fulfillment import (
     Simulation,
     sample_order,
 )
-from sagakit.examples.remote_order import (
+from sagakit.examples.remote_services import Desk
+from sagakit.examples.runner import (
     DEMO_SIMULATION,
     Child,
-    Desk,
     Fleet,
     Processes,
     Summary,
