@@ -34,6 +34,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/workers.py
+	$(BIN)/python benchmarks/remote.py
 
 clean:
 	rm -rf $(VENV) sagakit.db sagakit.db-wal sagakit.db-shm .pytest_cache .mypy_cache .ruff_cache

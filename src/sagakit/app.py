@@ -213,7 +213,9 @@ class App(Operations):
         if self.broker is not None and relay is not None:
             await self.broker.connect()
             self._relay = relay
-            self._replies = ReplyConsumer(self.store, self.broker, self.reply_topic)
+            self._replies = ReplyConsumer(
+                self.store, self.broker, self.reply_topic, on_reply=runner.wake
+            )
 
     async def close(self) -> None:
         """Stop executing (running sagas resume from their journal next time) and close."""

@@ -27,7 +27,8 @@ class OutboxRelay:
     """Relays a store's outbox to a broker until stopped.
 
     Args:
-        batch: messages claimed (and published concurrently) at a time.
+        batch: messages claimed at a time.
+        concurrency: publishes awaiting the broker's confirmation at once.
         lease: seconds a claimed message is held before another relay may send it.
         poll: seconds between looks at the outbox when nothing woke the relay.
     """
@@ -41,6 +42,7 @@ class OutboxRelay:
         lease: float = 10.0,
         poll: float = 1.0,
         max_backoff: float = 5.0,
+        concurrency: int = 32,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -50,6 +52,8 @@ class OutboxRelay:
         self.max_backoff = max_backoff
         self.relayed = 0
         self._declared: set[str] = set()
+        # Publishes in flight at once: a broker client's connection pool has a limit too.
+        self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -91,6 +95,10 @@ class OutboxRelay:
         claimed = await self.store.outbox_claim(self.batch, self.lease)
         if not claimed:
             return 0, False
+        for topic in {m.topic for m in claimed} - self._declared:
+            # The service's queue exists before its first command: it waits there for it.
+            await self.broker.declare(topic, service_group(topic))
+            self._declared.add(topic)
         results = await asyncio.gather(*(self._publish(m) for m in claimed), return_exceptions=True)
         done = [m.id for m, r in zip(claimed, results, strict=True) if r is None]
         if done:
@@ -107,11 +115,8 @@ class OutboxRelay:
         except CorruptMessage:
             log.exception("dropping outbox message %s: not an envelope", message.id)
             return
-        if message.topic not in self._declared:
-            # The service's queue exists before its first command: it waits there for it.
-            await self.broker.declare(message.topic, service_group(message.topic))
-            self._declared.add(message.topic)
-        await self.broker.publish(message.topic, envelope)
+        async with self._slots:
+            await self.broker.publish(message.topic, envelope)
 
 
 def service_group(command: str) -> str:

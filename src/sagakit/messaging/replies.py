@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from sagakit.codec import encode
 from sagakit.errors import InvalidSagaState, SagaNotFound, StoreError
@@ -28,8 +29,18 @@ GROUP = "sagakit-orchestrator"
 class ReplyConsumer:
     """Consumes ``topic`` (in group :data:`GROUP`) and stores each reply; see the module."""
 
-    def __init__(self, store: Store, broker: Broker, topic: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        topic: str,
+        *,
+        on_reply: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
+        # This process's runner: a stored reply makes its saga claimable; on SQLite nothing
+        # else would tell the runner before its next poll.
+        self.on_reply = on_reply or (lambda: None)
         self.broker = broker
         self.topic = topic
         self.stored = 0
@@ -80,6 +91,7 @@ class ReplyConsumer:
             await self.store.send_signal(env.correlation_id, env.message_id, name, stored,
                                          time.time())  # fmt: skip
             self.stored += 1
+            self.on_reply()
         except SagaNotFound:
             log.info("dropping reply %s: saga %s is not in this database",
                      env.message_id, env.correlation_id)  # fmt: skip
