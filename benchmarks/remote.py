@@ -445,8 +445,8 @@ NOTE = (
     "per command; a SQLite file or PostgreSQL schema per service) and its reply's publish; the "
     "reply consumer's store write; the saga's claim and replay from its journal. local / "
     "remote: how many times more sagas/s the local-steps saga makes; ms/step added: (remote "
-    "p50 - local p50) / 4. Every App polls every {poll} s: on SQLite a stored reply wakes no "
-    "one, so the poll paces remote steps. Durable commits: SQLite synchronous=FULL, PostgreSQL "
+    "p50 - local p50) / 4. Every App polls every {poll} s (a stored reply wakes its worker at "
+    "once; the poll is the fallback). Durable commits: SQLite synchronous=FULL, PostgreSQL "
     "synchronous_commit=on."
 )
 RELAY_NOTE = (
