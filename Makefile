@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[postgres,rabbitmq,nats,redis,otel,pydantic,dev]'
+	$(BIN)/pip install --quiet -e '.[postgres,rabbitmq,nats,redis,otel,api,metrics,pydantic,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
