@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import typing
@@ -51,7 +52,9 @@ async def call(
         if is_async(fn):
             return await fn(ctx, *args)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, functools.partial(fn, ctx, *args))
+        # The thread sees this task's context variables (log fields, the current span).
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(executor, context.run, functools.partial(fn, ctx, *args))
 
     proceed = chain(middleware, info, body) if middleware and info is not None else body
     if remaining is None:

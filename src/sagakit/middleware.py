@@ -40,11 +40,25 @@ class StepCall:
     kind: StepKind = StepKind.COMPENSATABLE
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SagaCall:
+    """One run of a saga in this process (from its start or resumption to its next rest or
+    wait): the input of :meth:`Middleware.saga`."""
+
+    saga_id: str
+    saga_type: str
+    version: int
+
+
 class Middleware:
-    """Base class: override :meth:`step`; the default just proceeds."""
+    """Base class: override :meth:`step` and/or :meth:`saga`; the defaults just proceed."""
 
     async def step(self, call: StepCall, proceed: Proceed) -> Any:
         """Wrap one call: return ``await proceed()`` (its result), raise to fail the call."""
+        return await proceed()
+
+    async def saga(self, call: SagaCall, proceed: Proceed) -> Any:
+        """Wrap one run of a saga; ``await proceed()`` returns the state it came to rest in."""
         return await proceed()
 
 
@@ -54,6 +68,21 @@ def chain(middleware: Sequence[Middleware], call: StepCall, body: Proceed) -> Pr
     for m in reversed(middleware):
         proceed = _bind(m, call, proceed)
     return proceed
+
+
+def chain_saga(middleware: Sequence[Middleware], call: SagaCall, body: Proceed) -> Proceed:
+    """``body`` (a saga run) wrapped by every middleware's :meth:`Middleware.saga`."""
+    proceed = body
+    for m in reversed(middleware):
+        proceed = _bind_saga(m, call, proceed)
+    return proceed
+
+
+def _bind_saga(m: Middleware, call: SagaCall, inner: Proceed) -> Proceed:
+    async def wrapped() -> Any:
+        return await m.saga(call, inner)
+
+    return wrapped
 
 
 def _bind(m: Middleware, call: StepCall, inner: Proceed) -> Proceed:

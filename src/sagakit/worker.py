@@ -32,7 +32,7 @@ from sagakit.errors import (
     StoreError,
 )
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState
-from sagakit.middleware import Middleware
+from sagakit.middleware import Middleware, SagaCall, chain_saga
 from sagakit.remote import DEFAULT_REPLY_TOPIC
 from sagakit.store.base import SagaRecord, Store, TypeCap
 
@@ -216,7 +216,11 @@ class Runner:
             on_command=self.on_command,
         )
         self.runs[record.id] = run
-        state = await run.execute()
+        if self.middleware:
+            call = SagaCall(saga_id=record.id, saga_type=saga.name, version=saga.version)
+            state = await chain_saga(self.middleware, call, run.execute)()
+        else:
+            state = await run.execute()
         if run.wake_at is not None:
             self.wake()  # look at the next wake-up again
         elif state in TERMINAL:
