@@ -458,4 +458,4 @@ def demo(url: str, kills: int, **simulation: Any) -> None:
 
 
 # Commands defined in their own modules register themselves on ``main`` when imported.
-from sagakit import cli_operator  # noqa: E402, F401
+from sagakit import cli_operator, cli_serve  # noqa: E402, F401

@@ -1,0 +1,181 @@
+"""The request and response bodies of the REST API (pydantic models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sagakit.definition import Parallel, Saga
+from sagakit.handle import SagaInfo
+from sagakit.journal import Entry, SagaState
+from sagakit.timeline import TimelineRow
+
+
+class _Strict(BaseModel):
+    # An unknown field is a typo the caller wants to hear about, not something to drop.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartRequest(_Strict):
+    type: str = Field(min_length=1, description="The saga type, as registered in the App.")
+    data: Any = Field(default=None, description="The saga's input (JSON).")
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, description="A second start with this key starts nothing."
+    )
+    deadline: float | None = Field(
+        default=None, gt=0, description="Seconds from now; overrides the definition's."
+    )
+
+
+class SignalRequest(_Strict):
+    name: str = Field(min_length=1, description="The signal the saga waits for.")
+    payload: Any = None
+    signal_id: str | None = Field(
+        default=None, min_length=1, description="A repeat of this id is a no-op."
+    )
+
+
+class CancelRequest(_Strict):
+    reason: str = Field(default="", description="Why; recorded in the saga's journal.")
+
+
+class ResolveRequest(_Strict):
+    note: str = Field(
+        min_length=1, pattern=r"\S", description="What was done by hand; recorded in the journal."
+    )
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="The kind of error, e.g. SagaNotFound.")
+    detail: str = Field(description="What went wrong and what to do next.")
+
+
+class SagaOut(BaseModel):
+    id: str
+    saga_type: str
+    version: int
+    state: SagaState
+    idempotency_key: str | None
+    current_step: str | None
+    error: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    deadline: datetime | None
+    parent_id: str | None
+    waiting: bool
+    wake_at: datetime | None
+
+    @classmethod
+    def of(cls, info: SagaInfo) -> SagaOut:
+        return cls(**{name: getattr(info, name) for name in cls.model_fields})
+
+
+class SagaDetailOut(SagaOut):
+    input: Any = Field(description="The saga's input, decoded.")
+    output: Any = Field(description="The saga's output once completed, decoded.")
+
+    @classmethod
+    def of(cls, info: SagaInfo) -> SagaDetailOut:
+        return cls(**{name: getattr(info, name) for name in cls.model_fields})
+
+
+class StartOut(SagaDetailOut):
+    created: bool = Field(description="False when the idempotency key had started it already.")
+
+
+class SagaPage(BaseModel):
+    items: list[SagaOut]
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="The offset of the next page; null at the end.")
+
+
+class SignalOut(BaseModel):
+    saga_id: str
+    name: str
+    sent: bool = Field(description="False when a signal with this signal_id was sent already.")
+
+
+class EntryOut(BaseModel):
+    index: int
+    kind: str
+    at: datetime
+    seq: int | None
+    step: str | None
+    attempt: int | None
+    payload: str | None = Field(description="Codec-encoded JSON text, as stored.")
+    error: dict[str, Any] | None
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, e: Entry) -> EntryOut:
+        return cls(
+            index=e.index,
+            kind=e.kind.value,
+            at=datetime.fromtimestamp(e.at).astimezone(),
+            seq=e.seq,
+            step=e.step,
+            attempt=e.attempt,
+            payload=e.payload,
+            error=e.error,
+            data=e.data,
+        )
+
+
+class RowOut(BaseModel):
+    at: datetime
+    what: str
+    attempt: int | None
+    outcome: str
+    took: float | None = Field(description="Seconds.")
+    detail: str
+
+    @classmethod
+    def of(cls, r: TimelineRow) -> RowOut:
+        return cls(
+            at=datetime.fromtimestamp(r.at).astimezone(),
+            what=r.what,
+            attempt=r.attempt,
+            outcome=r.outcome,
+            took=r.took,
+            detail=r.detail,
+        )
+
+
+class TimelineOut(BaseModel):
+    saga_id: str
+    state: SagaState
+    rows: list[RowOut] = Field(description="Step and compensation attempts and saga events.")
+    journal: list[EntryOut] = Field(description="The journal entries, oldest first.")
+
+
+class DefinitionOut(BaseModel):
+    type: str
+    version: int = Field(description="The latest registered version; new sagas use it.")
+    kind: str = Field(description="'declarative' (a list of steps) or 'code-first' (workflow).")
+    steps: list[str] = Field(description="Step names of a declarative saga, in order.")
+    deadline: float | None
+
+    @classmethod
+    def of(cls, saga: Saga) -> DefinitionOut:
+        names: list[str] = []
+        for item in saga.steps:
+            if isinstance(item, Parallel):
+                names.extend(s.name for s in item.steps)
+            else:
+                names.append(item.name)
+        return cls(
+            type=saga.name,
+            version=saga.version,
+            kind="declarative" if saga.steps else "code-first",
+            steps=names,
+            deadline=saga.deadline,
+        )
+
+
+class GraphOut(BaseModel):
+    type: str
+    version: int
+    mermaid: str = Field(description="A Mermaid flowchart with its compensation edges.")

@@ -1,0 +1,347 @@
+"""The REST API of ``sagakit serve`` over httpx's ASGI transport, on a real SQLite App."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from sagakit import App, ConfigurationError, RetryPolicy, Saga, SagaState, step
+from sagakit.api import create_api
+
+TOKEN = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FAST = 0.001
+
+
+async def reserve(ctx: Any, data: Any) -> dict[str, Any]:
+    return {"reserved": data["sku"]}
+
+
+async def release(ctx: Any, data: Any, result: Any) -> None:
+    return None
+
+
+async def fail_for_good(ctx: Any, data: Any) -> None:
+    raise RuntimeError("card declined")
+
+
+async def broken_undo(ctx: Any, data: Any, result: Any) -> None:
+    raise ConnectionError("inventory service unavailable")
+
+
+def register(app: App) -> None:
+    app.register(Saga("Order", steps=[step("reserve", reserve, compensate=release)]))
+    # reserve completes, charge fails, reserve's compensation keeps failing: needs_attention.
+    undo_policy = RetryPolicy(max_attempts=1, initial_interval=FAST)
+    app.register(
+        Saga(
+            "Broken",
+            steps=[
+                step("reserve", reserve, compensate=broken_undo, compensate_retry=undo_policy),
+                step("charge", fail_for_good),
+            ],
+        )
+    )
+
+    @app.saga("Approval")
+    async def approval(ctx: Any, data: Any) -> Any:
+        return await ctx.wait_for_signal("decision")
+
+
+@pytest.fixture
+async def client(app: App) -> AsyncIterator[httpx.AsyncClient]:
+    register(app)
+    transport = httpx.ASGITransport(app=create_api(app, token=TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+async def settled(app: App, saga_id: str) -> SagaState:
+    return (await app.wait(saga_id)).state
+
+
+async def waiting_for_signal(app: App, saga_id: str) -> None:
+    async with asyncio.timeout(5):
+        while not (await app.get(saga_id)).waiting:
+            await asyncio.sleep(0.02)
+
+
+# -- auth -------------------------------------------------------------------------------------
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{saga_id}", "no-such-saga").replace("{saga_type}", "Order")
+
+
+async def test_every_route_refuses_a_missing_or_wrong_token(
+    app: App, client: httpx.AsyncClient
+) -> None:
+    paths = create_api(app, token=TOKEN).openapi()["paths"]
+    operations = [(m.upper(), p) for p, ops in paths.items() for m in ops]
+    assert len(operations) >= 11
+    wrong = [
+        {},
+        {"Authorization": "Bearer not-the-token"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": "Bearer "},
+    ]
+    for method, path in [*operations, ("GET", "/openapi.json"), ("GET", "/nowhere")]:
+        for headers in wrong:
+            r = await client.request(method, _concrete(path), headers=headers, content=b"{bad")
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+            assert r.json()["error"] == "Unauthorized"
+    assert await app.list() == []
+
+
+async def test_the_openapi_document_is_served_with_the_token(client: httpx.AsyncClient) -> None:
+    r = await client.get("/openapi.json", headers=AUTH)
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert doc["security"] == [{"bearerAuth": []}]
+    assert {"/api/sagas", "/api/sagas/{saga_id}/timeline", "/api/definitions"} <= set(doc["paths"])
+    assert "/openapi.json" not in doc["paths"]
+
+
+def test_an_empty_token_is_refused(app: App) -> None:
+    blank = "  "
+    with pytest.raises(ConfigurationError, match="token is empty"):
+        create_api(app, token=blank)
+
+
+# -- sagas ------------------------------------------------------------------------------------
+
+
+async def test_start_then_get_and_an_idempotent_repeat(app: App, client: httpx.AsyncClient) -> None:
+    body = {"type": "Order", "data": {"sku": "BOOK"}, "idempotency_key": "A-1"}
+    r = await client.post("/api/sagas", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    started = r.json()
+    assert started["created"] is True
+    assert started["saga_type"] == "Order"
+    assert started["input"] == {"sku": "BOOK"}
+    assert await settled(app, started["id"]) is SagaState.COMPLETED
+
+    again = await client.post("/api/sagas", json=body, headers=AUTH)
+    assert again.status_code == 200
+    assert again.json()["id"] == started["id"]
+    assert again.json()["created"] is False
+
+    got = (await client.get(f"/api/sagas/{started['id']}", headers=AUTH)).json()
+    assert got["state"] == "completed"
+    assert got["output"] == {"reserve": {"reserved": "BOOK"}}
+    assert got["idempotency_key"] == "A-1"
+
+
+async def test_list_filters_and_pages(app: App, client: httpx.AsyncClient) -> None:
+    ids = []
+    for n in range(5):
+        r = await client.post(
+            "/api/sagas",
+            json={"type": "Order", "data": {"sku": f"S{n}"}, "idempotency_key": f"k{n}"},
+            headers=AUTH,
+        )
+        ids.append(r.json()["id"])
+    broken = (await client.post("/api/sagas", json={"type": "Broken", "data": {"sku": "X"}},
+                                headers=AUTH)).json()["id"]  # fmt: skip
+    for saga_id in [*ids, broken]:
+        await settled(app, saga_id)
+
+    async def listed(**params: Any) -> dict[str, Any]:
+        r = await client.get("/api/sagas", params=params, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    everything = await listed()
+    assert [s["id"] for s in everything["items"]] == [broken, *reversed(ids)]
+    assert everything["next_offset"] is None
+
+    first = await listed(type="Order", limit=2)
+    second = await listed(type="Order", limit=2, offset=first["next_offset"])
+    third = await listed(type="Order", limit=2, offset=second["next_offset"])
+    pages = [first, second, third]
+    assert [s["id"] for p in pages for s in p["items"]] == list(reversed(ids))
+    assert [p["next_offset"] for p in pages] == [2, 4, None]
+    assert [s["id"] for s in (await listed(state="needs_attention"))["items"]] == [broken]
+    assert (await listed(state="completed", type="Broken"))["items"] == []
+    assert [s["id"] for s in (await listed(id=ids[2]))["items"]] == [ids[2]]
+    assert (await listed(id=ids[2], type="Broken"))["items"] == []
+    assert (await listed(id="no-such-saga"))["items"] == []
+    assert [s["id"] for s in (await listed(idempotency_key="k3"))["items"]] == [ids[3]]
+    assert (await listed(idempotency_key="nope"))["items"] == []
+
+    future = (datetime.now().astimezone() + timedelta(hours=1)).isoformat()
+    assert (await listed(created_since=future))["items"] == []
+    past = (datetime.now().astimezone() - timedelta(hours=1)).isoformat()
+    assert len((await listed(created_since=past))["items"]) == 6
+    newest = (await app.get(broken)).created_at.isoformat()
+    assert [s["id"] for s in (await listed(created_since=newest))["items"]] == [broken]
+
+
+async def test_timeline_is_the_journal(app: App, client: httpx.AsyncClient) -> None:
+    started = (await client.post("/api/sagas", json={"type": "Order", "data": {"sku": "B"}},
+                                 headers=AUTH)).json()  # fmt: skip
+    await settled(app, started["id"])
+    r = await client.get(f"/api/sagas/{started['id']}/timeline", headers=AUTH)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["state"] == "completed"
+    kinds = [e["kind"] for e in body["journal"]]
+    assert kinds[0] == "saga_started"
+    assert kinds[-1] == "saga_completed"
+    assert len(body["journal"]) == len(await app.journal(started["id"]))
+    assert [e["index"] for e in body["journal"]] == list(range(len(kinds)))
+    step_rows = [row for row in body["rows"] if row["what"] == "reserve"]
+    assert [(row["attempt"], row["outcome"]) for row in step_rows] == [(1, "completed")]
+
+
+async def test_signal_then_cancel(app: App, client: httpx.AsyncClient) -> None:
+    first = (await client.post("/api/sagas", json={"type": "Approval"}, headers=AUTH)).json()
+    await waiting_for_signal(app, first["id"])
+    signal = {"name": "decision", "payload": {"approve": True}, "signal_id": "d-1"}
+    r = await client.post(f"/api/sagas/{first['id']}/signals", json=signal, headers=AUTH)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"saga_id": first["id"], "name": "decision", "sent": True}
+    assert await settled(app, first["id"]) is SagaState.COMPLETED
+    assert (await app.get(first["id"])).output == {"approve": True}
+
+    second = (await client.post("/api/sagas", json={"type": "Approval"}, headers=AUTH)).json()
+    await waiting_for_signal(app, second["id"])
+    r = await client.post(
+        f"/api/sagas/{second['id']}/cancel", json={"reason": "changed mind"}, headers=AUTH
+    )
+    assert r.status_code == 202, r.text
+    assert await settled(app, second["id"]) is SagaState.CANCELLED
+
+    ended = await client.post(f"/api/sagas/{second['id']}/signals", json=signal, headers=AUTH)
+    assert ended.status_code == 409
+    assert ended.json()["error"] == "InvalidSagaState"
+
+
+async def test_retry_and_resolve_a_saga_that_needs_attention(
+    app: App, client: httpx.AsyncClient
+) -> None:
+    ids = []
+    for _ in range(2):
+        r = await client.post("/api/sagas", json={"type": "Broken", "data": {"sku": "X"}},
+                              headers=AUTH)  # fmt: skip
+        ids.append(r.json()["id"])
+        assert await settled(app, ids[-1]) is SagaState.NEEDS_ATTENTION
+
+    retried = await client.post(f"/api/sagas/{ids[0]}/retry", headers=AUTH)
+    assert retried.status_code == 202, retried.text
+    assert await settled(app, ids[0]) is SagaState.NEEDS_ATTENTION  # the undo is still broken
+    kinds = [e.kind.value for e in await app.journal(ids[0])]
+    assert "operator_retry" in kinds
+
+    blank = await client.post(f"/api/sagas/{ids[1]}/resolve", json={"note": " "}, headers=AUTH)
+    assert blank.status_code == 422
+    resolved = await client.post(
+        f"/api/sagas/{ids[1]}/resolve", json={"note": "released by hand"}, headers=AUTH
+    )
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["state"] == "failed"
+
+    again = await client.post(f"/api/sagas/{ids[1]}/retry", headers=AUTH)
+    assert again.status_code == 409
+    assert "needs_attention" in again.json()["detail"]
+
+
+# -- definitions ------------------------------------------------------------------------------
+
+
+async def test_definitions_and_graphs(app: App, client: httpx.AsyncClient) -> None:
+    r = await client.get("/api/definitions", headers=AUTH)
+    assert r.status_code == 200
+    by_type = {d["type"]: d for d in r.json()}
+    assert set(by_type) == {"Approval", "Broken", "Order"}
+    assert by_type["Broken"]["steps"] == ["reserve", "charge"]
+    assert by_type["Broken"]["kind"] == "declarative"
+    assert by_type["Approval"]["kind"] == "code-first"
+
+    one = await client.get("/api/definitions/Order", headers=AUTH)
+    assert one.json()["version"] == 1
+
+    graph = await client.get("/api/definitions/Broken/graph", headers=AUTH)
+    assert graph.status_code == 200
+    assert graph.json()["mermaid"].startswith("flowchart TD")
+    assert '"undo reserve"' in graph.json()["mermaid"]
+
+    no_runs = await client.get("/api/definitions/Approval/graph", headers=AUTH)
+    assert no_runs.status_code == 409
+    assert "run one first" in no_runs.json()["detail"]
+    no_version = await client.get("/api/definitions/Order/graph?version=7", headers=AUTH)
+    assert no_version.status_code == 404
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/sagas/{id}"),
+        ("GET", "/api/sagas/{id}/timeline"),
+        ("POST", "/api/sagas/{id}/cancel"),
+        ("POST", "/api/sagas/{id}/retry"),
+        ("GET", "/api/definitions/Nope"),
+        ("GET", "/api/definitions/Nope/graph"),
+    ],
+)
+async def test_unknown_ids_are_404(client: httpx.AsyncClient, method: str, path: str) -> None:
+    r = await client.request(method, path.format(id="no-such-saga"), headers=AUTH)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] in {"SagaNotFound", "UnknownSagaType"}
+    assert "no-such-saga" in r.json()["detail"] or "Nope" in r.json()["detail"]
+
+
+async def test_unknown_ids_are_404_for_signal_and_resolve(client: httpx.AsyncClient) -> None:
+    signal = await client.post("/api/sagas/x/signals", json={"name": "go"}, headers=AUTH)
+    resolve = await client.post("/api/sagas/x/resolve", json={"note": "done"}, headers=AUTH)
+    assert (signal.status_code, resolve.status_code) == (404, 404)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "Nope", "data": {}},
+        {"data": {"sku": "B"}},
+        {"type": "Order", "idempotency_key": 7},
+        {"type": "Order", "idempotency_key": ""},
+        {"type": "Order", "deadline": -1},
+        {"type": "Order", "typo": 1},
+        [],
+        "not an object",
+    ],
+)
+async def test_bad_starts_are_422_and_write_nothing(
+    app: App, client: httpx.AsyncClient, body: Any
+) -> None:
+    r = await client.post("/api/sagas", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"error", "detail"}
+    assert r.json()["detail"]
+    assert await app.list() == []
+
+
+async def test_malformed_json_and_bad_queries_are_422(app: App, client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/api/sagas", content=b"{nope", headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert r.json()["error"] == "InvalidRequest"
+    for params in ({"state": "sleeping"}, {"limit": 0}, {"offset": -1}, {"created_since": "x"}):
+        bad = await client.get("/api/sagas", params=params, headers=AUTH)
+        assert bad.status_code == 422, params
+    bad_signal = await client.post("/api/sagas/x/signals", json={"name": ""}, headers=AUTH)
+    assert bad_signal.status_code == 422
+    assert await app.list() == []
