@@ -345,3 +345,27 @@ async def test_malformed_json_and_bad_queries_are_422(app: App, client: httpx.As
     bad_signal = await client.post("/api/sagas/x/signals", json={"name": ""}, headers=AUTH)
     assert bad_signal.status_code == 422
     assert await app.list() == []
+
+
+async def test_metrics_are_scraped_after_a_run(tmp_path: Any) -> None:
+    """GET /metrics (behind the token) shows the run's steps and the store's figures."""
+    from sagakit.observability import Metrics
+
+    async def reserve(ctx: object, data: object) -> str:
+        return "r"
+
+    metrics = Metrics()
+    app = App(f"sqlite:///{tmp_path / 'm.db'}", poll_interval=0.05, middleware=[metrics])
+    app.register(Saga("Metered", steps=[step("reserve", reserve)]))
+    async with app:
+        await (await app.start("Metered", None)).result(timeout=5)
+        api = create_api(app, token=TOKEN, metrics=metrics)
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            assert (await client.get("/metrics")).status_code == 401
+            scraped = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert scraped.status_code == 200
+    text = scraped.text
+    labels = 'outcome="completed",saga_type="Metered",step="reserve"'
+    assert f"sagakit_step_duration_seconds_count{{{labels}}} 1.0" in text
+    assert 'sagakit_sagas{state="completed"} 1.0' in text

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from sagakit.api.auth import BearerAuth, document_bearer
 from sagakit.api.definitions import definition_routes
@@ -14,10 +14,13 @@ from sagakit.api.routes import saga_routes
 from sagakit.app import App
 from sagakit.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from sagakit.observability.metrics import Metrics
+
 OPENAPI_PATH = "/openapi.json"
 
 
-def create_api(app: App, *, token: str | None) -> FastAPI:
+def create_api(app: App, *, token: str | None, metrics: Metrics | None = None) -> FastAPI:
     """A FastAPI app serving ``app``'s sagas and definitions under ``/api``.
 
     The caller opens and closes ``app``. Every request needs ``Authorization: Bearer
@@ -25,6 +28,9 @@ def create_api(app: App, *, token: str | None) -> FastAPI:
     ``--insecure`` on a loopback address. The OpenAPI document is at ``/openapi.json``,
     behind the same token; there is no interactive docs page, since a browser cannot send
     the token when it loads one.
+
+    With ``metrics`` (a :class:`~sagakit.observability.Metrics` the App also runs as
+    middleware), ``GET /metrics`` serves a Prometheus scrape, its store figures read afresh.
 
     Raises:
         ConfigurationError: ``token`` is empty or only whitespace.
@@ -49,6 +55,14 @@ def create_api(app: App, *, token: str | None) -> FastAPI:
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
+
+    if metrics is not None:
+
+        @api.get("/metrics", include_in_schema=False)
+        async def scrape() -> Response:
+            await metrics.refresh(app)
+            body, content_type = metrics.exposition()
+            return Response(content=body, media_type=content_type)
 
     @api.get(OPENAPI_PATH, include_in_schema=False)
     async def openapi_document() -> JSONResponse:
