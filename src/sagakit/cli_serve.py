@@ -77,6 +77,12 @@ def read_token(token_file: Path | None) -> str | None:
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 @click.option(
+    "--metrics",
+    is_flag=True,
+    help="Also serve Prometheus metrics at /metrics (behind the token): pip install "
+    "'sagakit[metrics]'.",
+)
+@click.option(
     "--grace",
     type=click.FloatRange(min=0),
     default=10.0,
@@ -92,6 +98,7 @@ def serve_command(
     insecure: bool,
     log_level: str,
     grace: float,
+    metrics: bool,
 ) -> None:
     """Serve an App's sagas over a REST API under /api (OpenAPI at /openapi.json).
 
@@ -119,7 +126,16 @@ def serve_command(
     except click.BadParameter as exc:
         exc.param_hint = "'--app'"
         raise
-    run(_serve(app, create_api(app, token=token), host=host, port=port, log_level=log_level))
+    meter = None
+    if metrics:
+        try:
+            from sagakit.observability import Metrics
+        except ImportError as exc:
+            fail(f"--metrics needs prometheus-client: pip install 'sagakit[metrics]' ({exc})")
+        meter = Metrics()
+        app.middleware = (*app.middleware, meter)  # before the App opens: its runner uses it
+    api = create_api(app, token=token, metrics=meter)
+    run(_serve(app, api, host=host, port=port, log_level=log_level))
     _exit_when_threads_end(grace)
 
 

@@ -90,7 +90,8 @@ def test_serves_the_api_with_a_token_and_stops_on_sigterm(tmp_path: Path) -> Non
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "sagakit", "serve", "--app", "serve_app:app",
-         "--port", str(port), "--token-file", str(token_file), "--log-level", "warning"],
+         "--port", str(port), "--token-file", str(token_file), "--log-level", "warning",
+         "--metrics"],
         cwd=tmp_path,
         env=clean_env(),
         stdout=subprocess.PIPE,
@@ -112,6 +113,10 @@ def test_serves_the_api_with_a_token_and_stops_on_sigterm(tmp_path: Path) -> Non
         r = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert r.status_code == 200
         assert r.json() == {"items": [], "limit": 50, "offset": 0, "next_offset": None}
+        auth = {"Authorization": f"Bearer {token}"}
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=auth, timeout=5)
+        assert scraped.status_code == 200
+        assert "sagakit_sagas_in_flight 0.0" in scraped.text
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
