@@ -64,6 +64,7 @@ NOT_EXPLORABLE_EXAMPLES = {
 EXAMPLE_HELPERS = {
     "runner": "run machinery of remote_order and choreographed_order: processes, summaries",
     "remote_services": "the services of remote_order, whose saga is explored above",
+    "order_api": "an HTTP front for the order_fulfillment saga, which is explored",
 }
 
 
