@@ -20,6 +20,7 @@ from sagakit.calls import is_async
 from sagakit.codec import convert
 from sagakit.inbox import InboxTx
 from sagakit.messaging import Envelope
+from sagakit.observability.messages import handler_span
 from sagakit.remote import reply
 
 log = logging.getLogger("sagakit.service")
@@ -100,15 +101,30 @@ async def handle(
     data: Any,
     attempt: int,
     executor: Executor | None,
+    tracer_provider: Any = None,
 ) -> Envelope:
     """Run ``handler`` for ``command`` in ``tx`` (None: the service has no handler for its
-    type); the reply to send. Only a failure of the transaction itself raises."""
+    type), in a span continuing the command's trace; the reply to send. Only a failure of the
+    transaction itself raises."""
     if handler is None:
         log.error("%s of saga %s: no handler for this command type in service %s",
                   command.type, command.correlation_id, service, extra=tags(command))  # fmt: skip
         message = f"service {service} has no handler for {command.type!r}"
         return reply(command, ok=False, payload={"type": "UnknownCommand", "message": message})
     ctx = context(service, command, attempt, tx.db)
+    with handler_span(command, service, tracer_provider):
+        return await _run(tx, command, handler, ctx, data=data, executor=executor)
+
+
+async def _run(
+    tx: InboxTx,
+    command: Envelope,
+    handler: Handler,
+    ctx: HandlerContext,
+    *,
+    data: Any,
+    executor: Executor | None,
+) -> Envelope:
     try:
         async with tx.savepoint():
             arg = data if handler.input_type is None else convert(data, handler.input_type)

@@ -19,6 +19,7 @@ from sagakit.engine import Done, Suspend
 from sagakit.errors import StepFailed, StepTimedOut
 from sagakit.journal import Kind
 from sagakit.messaging.envelope import Envelope
+from sagakit.observability.messages import command_fields
 from sagakit.remote import COMPLETED, REPLY_SIGNAL, Remote, RemoteStepFailed, command_id
 from sagakit.store.base import WAIT_FOREVER
 
@@ -34,6 +35,7 @@ def _command(
     return Envelope.new(
         command.command,
         data,
+        **command_fields(),  # the saga run's trace goes on in the service
         correlation_id=run.saga_id,
         message_id=command_id(run.saga_id, done.name, attempt, compensation=compensation),
         reply_to=run.reply_topic,

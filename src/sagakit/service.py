@@ -67,6 +67,8 @@ class Service:
             :class:`~sagakit.inbox.Inbox` (opened by the service, closed by its owner: an
             :class:`~sagakit.choreography.EventBus` of the same process may share it).
         concurrency: how many commands are handled at once at most.
+        tracer_provider: the OpenTelemetry provider of the handlers' spans (default: the
+            global one); each handler runs in a span continuing the command's trace.
         retry_delay: seconds to wait before a delivery that could not be handled (the
             inbox's database or the broker failed) is given back to the broker.
     """
@@ -79,6 +81,7 @@ class Service:
         inbox: str | Inbox | None = None,
         concurrency: int = 16,
         retry_delay: float = 1.0,
+        tracer_provider: Any = None,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigurationError(
@@ -88,6 +91,7 @@ class Service:
             raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
         self.name = name
         self.group = name  # the group the outbox declares: see sagakit.messaging.outbox
+        self.tracer_provider = tracer_provider  # None: OpenTelemetry's global provider
         self.concurrency = concurrency
         self.retry_delay = retry_delay
         self._owns_broker = isinstance(broker, str)
@@ -322,6 +326,7 @@ class Service:
                     data=data,
                     attempt=attempt,
                     executor=self._executor,
+                    tracer_provider=self.tracer_provider,
                 )
                 stored = answer.to_json() if command.reply_to else ""
                 await tx.record(command.message_id, stored)

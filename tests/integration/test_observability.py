@@ -375,3 +375,48 @@ async def test_saga_hook_counts_final_states_and_runs_in_progress() -> None:
                               {"saga_type": "Order", "outcome": "failed"}) == 1  # fmt: skip
     assert r.get_sample_value("sagakit_sagas_finished_total",
                               {"saga_type": "Order", "outcome": "running"}) is None  # fmt: skip
+
+
+async def test_a_remote_steps_trace_goes_on_in_its_service(
+    spans: tuple[TracerProvider, InMemorySpanExporter], tmp_path: Path
+) -> None:
+    """The command carries the saga run's trace context; the service's handler span is its
+    child, in the saga's trace."""
+    from sagakit import remote
+    from sagakit.service import HandlerContext, Service
+
+    provider, exporter = spans
+    broker = f"memory://trace{tmp_path.name}"
+    service = Service(
+        "Inventory",
+        broker=broker,
+        inbox=f"sqlite:///{tmp_path / 'inbox.db'}",
+        tracer_provider=provider,
+    )
+
+    @service.handles("Reserve")
+    async def reserve(ctx: HandlerContext, data: Any) -> str:
+        return "R-1"
+
+    app = App(
+        f"sqlite:///{tmp_path / 'sagas.db'}",
+        broker=broker,
+        poll_interval=0.05,
+        middleware=[Tracing(tracer_provider=provider)],
+    )
+    app.register(Saga("Traced", steps=[step("reserve", remote("Inventory.Reserve"), timeout=10)]))
+    async with service, app:
+        handle = await app.start("Traced", None)
+        assert await handle.result(timeout=10) == {"reserve": "R-1"}
+    root = saga_span_context(handle.id)
+    (handled,) = [s for s in exporter.get_finished_spans() if s.name == "handle Inventory.Reserve"]
+    assert handled.context is not None
+    assert handled.parent is not None
+    assert handled.context.trace_id == root.trace_id
+    runs = {
+        s.context.span_id
+        for s in exporter.get_finished_spans()
+        if s.name == "saga Traced" and s.context is not None
+    }
+    assert handled.parent.span_id in runs  # the run that sent the command
+    assert (handled.attributes or {})["saga.id"] == handle.id

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
 from sagakit.api.auth import BearerAuth, document_bearer
+from sagakit.api.dashboard import create_dashboard, is_dashboard_path
 from sagakit.api.definitions import definition_routes
 from sagakit.api.errors import install_error_handlers
 from sagakit.api.routes import saga_routes
@@ -68,8 +69,9 @@ def create_api(app: App, *, token: str | None, metrics: Metrics | None = None) -
     async def openapi_document() -> JSONResponse:
         return JSONResponse(api.openapi())
 
+    create_dashboard(api, app, token)  # HTML pages at / and /sagas/{id}, behind a login cookie
     if token is not None:
-        api.add_middleware(BearerAuth, token=token)
+        api.add_middleware(BearerAuth, token=token, exempt=is_dashboard_path)
     return api
 
 

@@ -8,6 +8,7 @@ got its 401; the middleware refuses first, on every path (unknown ones too).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -17,14 +18,18 @@ SCHEME = "bearerAuth"
 
 
 class BearerAuth:
-    """Refuse every HTTP request whose ``Authorization`` header is not ``Bearer <token>``."""
+    """Refuse every HTTP request whose ``Authorization`` header is not ``Bearer <token>``,
+    except on the paths ``exempt`` accepts (the dashboard's, which check a session cookie)."""
 
-    def __init__(self, app: ASGIApp, *, token: str) -> None:
+    def __init__(
+        self, app: ASGIApp, *, token: str, exempt: Callable[[str], bool] | None = None
+    ) -> None:
         self.app = app
         self._token = token.encode()
+        self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (self._exempt and self._exempt(scope["path"])):
             problem = self._problem(dict(scope["headers"]).get(b"authorization"))
             if problem is not None:
                 response = JSONResponse(
