@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from sagakit import App, Kind, RetryPolicy, Saga, SagaState, WorkflowContext, step
+from sagakit.examples.runner import forget_namespace
 from sagakit.messaging import Broker, Envelope, open_broker
 from sagakit.remote import remote, reply
 
@@ -40,16 +41,31 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+QUEUES = [
+    *((f"{svc}.{cmd}", svc) for svc, cmd in [("Inventory", "Reserve"), ("Inventory", "Release"),
+                                              ("Payments", "Charge"), ("Payments", "Refund")]),
+    ("sagakit.replies", "sagakit-orchestrator"),
+]  # fmt: skip
+
+
 @pytest.fixture(params=list(BROKERS))
-def broker_url(request: pytest.FixtureRequest) -> str:
-    """A broker URL with a prefix of its own, so tests never see each other's messages."""
+async def broker_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A broker URL with a prefix of its own, so tests never see each other's messages; what
+    the test made on the broker is deleted after it (durable queues would pile up)."""
+    url = _broker_url(request.param)
+    yield url
+    if not url.startswith("memory://"):
+        await forget_namespace(url, QUEUES)
+
+
+def _broker_url(kind: str) -> str:
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    spec = BROKERS[request.param]
+    spec = BROKERS[kind]
     if spec is None:
         return f"memory://{prefix}"
     host, port, url = spec
     if not _reachable(host, port):
-        reason = f"{request.param} is not reachable at {host}:{port}"
+        reason = f"{kind} is not reachable at {host}:{port}"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; CI must start it (see .ci/run)")
         pytest.skip(reason)
