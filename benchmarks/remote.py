@@ -43,6 +43,7 @@ import order_saga
 from order_saga import ORDER_SAGA
 from run import pg_schema_url
 from sagakit import App, Saga, step
+from sagakit.examples.runner import forget_namespace
 from sagakit.journal import TERMINAL, SagaState
 from sagakit.messaging import open_broker
 from sagakit.messaging.outbox import OutboxRelay
@@ -100,49 +101,20 @@ async def namespace(broker: str) -> AsyncIterator[str]:
     """The broker's URL with a prefix of its own; what was made under it is deleted after."""
     prefix = f"bench{uuid.uuid4().hex[:10]}"
     base = f"memory://{prefix}" if broker == "memory" else BROKERS[broker]
+    url = f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
     try:
-        yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+        yield url
     finally:
-        await cleanup(broker, base, prefix)
+        if broker != "memory":
+            await forget_namespace(url, queues())
 
 
-def queues(prefix: str) -> Iterator[str]:
-    """The RabbitMQ queues of a run (``<prefix>.<group>.<topic>``)."""
+def queues() -> Iterator[tuple[str, str]]:
+    """(topic, group) of every durable queue a run makes."""
     for svc, (_, do, _, comp) in SERVICES.items():
-        yield f"{prefix}.{svc}.{svc}.{do}"
-        yield f"{prefix}.{svc}.{svc}.{comp}"
-    yield f"{prefix}.sagakit-orchestrator.{DEFAULT_REPLY_TOPIC}"
-
-
-async def cleanup(broker: str, url: str, prefix: str) -> None:
-    if broker == "rabbitmq":
-        import aio_pika
-
-        async with await aio_pika.connect(url, timeout=5) as connection:
-            channel = await connection.channel()
-            for queue in queues(prefix):
-                await channel.queue_delete(queue)
-            await channel.exchange_delete(prefix)
-    elif broker == "nats":
-        import nats
-        import nats.js.errors
-
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-        try:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await nc.jetstream().delete_stream(prefix)
-        finally:
-            await nc.close()
-    elif broker == "redis":
-        from redis.asyncio import Redis
-
-        client = Redis.from_url(url)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        yield f"{svc}.{do}", svc
+        yield f"{svc}.{comp}", svc
+    yield DEFAULT_REPLY_TOPIC, "sagakit-orchestrator"
 
 
 def make_services(broker_url: str, inboxes: dict[str, str]) -> list[Service]:
