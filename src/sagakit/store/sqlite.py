@@ -64,6 +64,20 @@ def migrations(dialect: str = "sqlite") -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. On a fresh file another process opening it at the same time may hold
+    the lock this needs, and the switch fails at once (the busy timeout does not apply)."""
+    for _ in range(200):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.05)
+    conn.execute("PRAGMA journal_mode = WAL")
+
+
 def _statements(script: str) -> list[str]:
     """The statements of a migration script, whole: a trigger's body has ';' of its own."""
     code = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
@@ -230,7 +244,7 @@ class SqliteStore:
         # Refuse a newer schema before anything (even the journal mode) touches the file.
         if (found := self._schema_version(conn)) > latest:
             raise SchemaTooNew(self.location, found, latest)
-        conn.execute("PRAGMA journal_mode = WAL")
+        _wal(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS sagakit_schema (version INTEGER NOT NULL)")
