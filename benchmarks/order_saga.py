@@ -1,5 +1,7 @@
-"""The benchmarks' order saga: four trivial steps with compensations, every 10th order
-declined at payment. Shared by run.py (in-process) and workers.py (worker processes)."""
+"""The benchmarks' sagas. The order saga (four trivial steps with compensations, every 10th
+order declined at payment) is ``sagakit.bench``'s, the one ``sagakit bench`` runs; the hold saga
+keeps sagas in flight for the recovery benchmark. Shared by run.py (in-process), workers.py
+(worker processes) and remote.py."""
 
 from __future__ import annotations
 
@@ -8,58 +10,10 @@ import os
 from typing import Any
 
 from sagakit import App, Saga, step
+from sagakit.bench import ORDER_SAGA, STEPS, Declined, release, reserve
 from sagakit.workflow import StepContext
 
-STEPS = 4
-
-
-class Declined(Exception):
-    pass
-
-
-async def reserve(ctx: StepContext, order: dict[str, Any]) -> dict[str, Any]:
-    return {"reservation": order["id"]}
-
-
-async def release(ctx: StepContext, order: dict[str, Any], result: Any) -> None:
-    return None
-
-
-async def charge(ctx: StepContext, order: dict[str, Any]) -> dict[str, Any]:
-    if order["id"] % 10 == 0:
-        raise Declined("card declined")
-    return {"payment": order["id"]}
-
-
-async def refund(ctx: StepContext, order: dict[str, Any], result: Any) -> None:
-    return None
-
-
-async def ship(ctx: StepContext, order: dict[str, Any]) -> dict[str, Any]:
-    return {"shipment": order["id"]}
-
-
-async def cancel_shipment(ctx: StepContext, order: dict[str, Any], result: Any) -> None:
-    return None
-
-
-async def confirm(ctx: StepContext, order: dict[str, Any]) -> str:
-    return "sent"
-
-
-async def cancel_notice(ctx: StepContext, order: dict[str, Any], result: Any) -> None:
-    return None
-
-
-ORDER_SAGA = Saga(
-    "OrderFulfillment",
-    steps=[
-        step("reserve_inventory", reserve, compensate=release),
-        step("process_payment", charge, compensate=refund),
-        step("create_shipment", ship, compensate=cancel_shipment),
-        step("send_confirmation", confirm, compensate=cancel_notice),
-    ],
-)
+__all__ = ["HOLD_SAGA", "ORDER_SAGA", "STEPS", "Declined", "worker_app"]
 
 
 async def hold(ctx: StepContext, data: dict[str, Any]) -> str:

@@ -14,71 +14,23 @@ import argparse
 import asyncio
 import shutil
 import tempfile
-import time
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from dbos_order import measure_dbos_subprocess
-from order_saga import ORDER_SAGA, STEPS, Declined
-from sagakit import App, SagaFailed
-
-
-async def plain_saga(order: dict[str, Any]) -> bool:
-    """The floor: the same steps as plain calls, compensations on failure, nothing durable."""
-    done: list[tuple[Callable[..., Awaitable[None]], Any]] = []
-    try:
-        for s in ORDER_SAGA.steps:
-            result = await s.action(None, order)
-            assert s.compensate is not None
-            done.append((s.compensate, result))
-    except Declined:
-        for compensate, result in reversed(done):
-            await compensate(None, order, result)
-        return False
-    return True
+from order_saga import STEPS
+from sagakit.bench import bench, drive, plain_saga, scratch_schema
 
 
 async def run_floor(n: int, in_flight: int) -> float:
-    return await drive(n, in_flight, plain_saga)
+    return (await drive(n, in_flight, plain_saga)).rate
 
 
 async def run_sagakit(n: int, in_flight: int, url: str, durability: str = "full") -> float:
-    app = App(url, durability=durability)
-    app.register(ORDER_SAGA)
-    await app.open()
-
-    async def one(order: dict[str, Any]) -> bool:
-        handle = await app.start("OrderFulfillment", order)
-        try:
-            await handle.result()
-        except SagaFailed:
-            return False
-        return True
-
-    try:
-        await drive(min(n, 50), in_flight, one)  # warm-up
-        return await drive(n, in_flight, one)
-    finally:
-        await app.close()
-
-
-async def drive(n: int, in_flight: int, one: Callable[[dict[str, Any]], Awaitable[bool]]) -> float:
-    """Run ``n`` sagas with at most ``in_flight`` at once; return sagas per second."""
-    orders = iter(range(1, n + 1))
-
-    async def lane() -> None:
-        for i in orders:
-            await one({"id": i, "sku": "BOOK-1", "amount": "19.99"})
-
-    start = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(in_flight)))
-    return n / (time.perf_counter() - start)
+    return (await bench(url, n, in_flight, durability=durability)).sagas_per_second
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,33 +42,14 @@ class Row:
     dbos: float | None
 
 
-async def pg_schema_url(base: str) -> tuple[str, Callable[[], Awaitable[None]]]:
-    """A fresh schema on ``base`` for one measurement, and a function that drops it."""
-    import asyncpg
-
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-
-    return f"{base}?schema={schema}", drop
-
-
 async def measure(args: argparse.Namespace, backend: str, in_flight: int, workdir: Path) -> Row:
     n = args.sequential if in_flight == 1 else args.concurrent
     floor = await run_floor(n, in_flight)
     if backend == "sqlite":
         rate = await run_sagakit(n, in_flight, f"sqlite:///{workdir / f'b{in_flight}.db'}")
     else:
-        url, drop = await pg_schema_url(args.pg)
-        try:
+        async with scratch_schema(args.pg) as url:
             rate = await run_sagakit(n, in_flight, url)
-        finally:
-            await drop()
     dbos = None
     if args.dbos:
         dbos_n = args.dbos_n if in_flight > 1 else min(n, args.dbos_n)

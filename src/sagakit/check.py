@@ -9,7 +9,7 @@ than its journal recorded. Run it with the new code before rolling it out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from sagakit.app import App
@@ -45,9 +45,19 @@ async def _unfinished(app: App, page: int = 500) -> AsyncIterator[SagaRecord]:
             offset += page
 
 
-async def check(app: App) -> tuple[int, list[Breakage]]:
+async def unfinished_count(app: App) -> int:
+    """How many sagas :func:`check` would replay."""
+    await app.open_for_reading()
+    counts = await app.store.counts()
+    return sum(counts.get(state.value, 0) for state in _UNFINISHED)
+
+
+async def check(
+    app: App, *, progress: Callable[[int], None] | None = None
+) -> tuple[int, list[Breakage]]:
     """Replay every unfinished saga of ``app``'s database against its registered code;
-    return how many were checked and those that would break."""
+    return how many were checked and those that would break. ``progress(1)`` is called
+    after each saga."""
     await app.open_for_reading()
     checked, broken = 0, []
     async for record in _unfinished(app):
@@ -57,6 +67,8 @@ async def check(app: App) -> tuple[int, list[Breakage]]:
             broken.append(Breakage(saga_id=record.id, saga_type=record.saga_type,
                                    version=record.version, state=record.state,
                                    reason=reason))  # fmt: skip
+        if progress is not None:
+            progress(1)
     return checked, broken
 
 

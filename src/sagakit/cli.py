@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
-import json
 import logging
 import os
 import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
@@ -28,67 +23,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from sagakit.app import App
-from sagakit.errors import PayloadError, SagakitError
+from sagakit.cli_base import (
+    EXIT_CODES_HELP,
+    ExitCode,
+    console,
+    db_option,
+    dumps,
+    exit_when_threads_end,
+    fail,
+    json_option,
+    load_app,
+    progress_bar,
+    reader,
+    run,
+    saga_ids,
+)
+from sagakit.errors import ConfigurationError, PayloadError
 from sagakit.handle import SagaInfo
 from sagakit.journal import ACTIVE, Entry, SagaState
-from sagakit.store import DEFAULT_URL, SqliteStore
+from sagakit.store import DEFAULT_URL
 from sagakit.timeline import TimelineRow, timeline
 
-T = TypeVar("T")
-
-db_option = click.option(
-    "--db",
-    "url",
-    envvar="SAGAKIT_DATABASE_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    metavar="URL",
-    help="Database URL; the environment variable SAGAKIT_DATABASE_URL sets the default.",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` on stderr and exit with code 1."""
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    sys.exit(1)
-
-
-def run(coro: Coroutine[Any, Any, T], *, cleanup: Callable[[], None] | None = None) -> T:
-    """Run ``coro``; a sagakit error ends the command with its message and exit code 1
-    (after ``cleanup``, e.g. stopping a progress bar)."""
-    try:
-        return asyncio.run(coro)
-    except SagakitError as exc:
-        if cleanup is not None:
-            cleanup()
-        fail(str(exc))
-
-
-def reader(url: str) -> App:
-    """An App that only reads ``url``; exits with a message if the database does not exist."""
-    app = App(url, worker=False)
-    if isinstance(app.store, SqliteStore) and not os.path.exists(app.store.path):
-        fail(
-            f"no database at {app.store.path}; run `sagakit migrate --db {url}` to create one "
-            "or `sagakit demo` to fill one"
-        )
-    return app
-
-
-def console() -> Console:
-    """A console for stdout; piped output gets wide lines instead of truncated columns."""
-    out = Console()
-    return out if out.is_terminal else Console(width=200)
-
-
-def _jsonable(value: Any) -> str:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
-
-
-def dumps(value: Any, indent: int | None = 2) -> str:
-    """JSON text for the CLI's ``--json`` output (Decimal, UUID and datetime as strings)."""
-    return json.dumps(value, indent=indent, default=_jsonable, ensure_ascii=False)
+__all__ = ["ExitCode", "db_option", "fail", "json_option", "load_app", "main", "reader", "run"]
 
 
 def _when(ts: datetime) -> str:
@@ -114,10 +70,12 @@ def _styled(word: str) -> str:
     return f"[{style}]{word}[/]" if style else word
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="sagakit")
 def main() -> None:
-    """sagakit: durable sagas on SQLite. Start with `sagakit demo`."""
+    """sagakit: durable sagas on SQLite or PostgreSQL. Start with `sagakit demo`.
+
+    Tab completion: `sagakit completion bash` (or zsh, fish) prints the script to source."""
 
 
 # -- list --------------------------------------------------------------------------------------
@@ -213,7 +171,7 @@ def _summary(info: SagaInfo, *, tracked: bool = False) -> Table:
 
 
 @main.command()
-@click.argument("saga_id")
+@click.argument("saga_id", shell_complete=saga_ids())
 @db_option
 @json_option
 def show(saga_id: str, url: str, as_json: bool) -> None:
@@ -249,13 +207,15 @@ def check_command(target: str, as_json: bool) -> None:
 
     Run it with the code you are about to deploy: it writes nothing.
     """
-    from sagakit.check import check
+    from sagakit.check import check, unfinished_count
 
     app = load_app(target)
 
     async def go() -> tuple[int, list[Any]]:
         try:
-            return await check(app)
+            total = await unfinished_count(app)
+            with progress_bar("replaying unfinished sagas", total) as advance:
+                return await check(app, progress=advance)
         finally:
             await app.close()
 
@@ -271,7 +231,7 @@ def check_command(target: str, as_json: bool) -> None:
     else:
         click.echo(f"{checked} unfinished sagas checked: all resume with this code")
     if broken:
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 @main.command("graph")
@@ -285,51 +245,64 @@ def check_command(target: str, as_json: bool) -> None:
     show_default=True,
     help="Code-first sagas: how many recent runs to draw from.",
 )
-def graph_command(saga_type: str, target: str, version: int | None, runs: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print {type, version, mermaid} as JSON.")
+def graph_command(
+    saga_type: str, target: str, version: int | None, runs: int, as_json: bool
+) -> None:
     """Print saga TYPE as a Mermaid flowchart, with its compensation edges.
 
     Declarative sagas are drawn from their steps; code-first ones from the recorded runs in
     the App's database. Pipe it into a file: `sagakit graph TYPE --app m:app > saga.mmd`.
     """
-    from sagakit.graph import graph_for
+    from sagakit.graph import graph_for, unknown_type_message
 
     app = load_app(target)
+    saga = app.definition(saga_type, version)
+    if saga is None:
+        fail(unknown_type_message(app, saga_type, version), ExitCode.NOT_FOUND)
 
-    async def go() -> str:
+    async def go() -> str | ConfigurationError:
         try:
             return await graph_for(app, saga_type, version=version, runs=runs)
+        except ConfigurationError as exc:  # a code-first type without a recorded run
+            return exc
         finally:
             await app.close()
 
-    click.echo(run(go()), nl=False)
+    mermaid = run(go())
+    if isinstance(mermaid, ConfigurationError):
+        fail(str(mermaid), ExitCode.NOT_FOUND)
+    if as_json:
+        click.echo(dumps({"type": saga_type, "version": saga.version, "mermaid": mermaid}))
+    else:
+        click.echo(mermaid, nl=False)
+
+
+# -- completion --------------------------------------------------------------------------------
+
+
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion_command(shell: str) -> None:
+    """Print the tab-completion script for SHELL. Load it in your shell's start-up file:
+
+    \b
+      bash: eval "$(sagakit completion bash)"   (in ~/.bashrc)
+      zsh:  eval "$(sagakit completion zsh)"    (in ~/.zshrc)
+      fish: sagakit completion fish > ~/.config/fish/completions/sagakit.fish
+
+    Commands, options, states and the ids of recent sagas (from --db) complete.
+    """
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)
+    assert complete is not None  # the choice admits only shells click knows
+    ctx = click.get_current_context()
+    click.echo(complete(main, {}, "sagakit", "_SAGAKIT_COMPLETE").source())
+    ctx.exit(ExitCode.OK)
 
 
 # -- worker ------------------------------------------------------------------------------------
-
-
-def load_app(target: str) -> App:
-    """Import ``module:attribute`` and return it if it is an App, else a clear usage error."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"{target!r} is not MODULE:ATTRIBUTE (e.g. myproject.sagas:app)")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise click.BadParameter(
-            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    try:
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}") from None
-    except SagakitError as exc:
-        raise click.BadParameter(f"building {target} failed: {exc}") from exc
-    if not isinstance(obj, App):
-        raise click.BadParameter(f"{target} is a {type(obj).__name__}, not a sagakit.App")
-    return obj
 
 
 async def _work(app: App) -> None:
@@ -383,20 +356,7 @@ def worker(target: str, log_level: str, grace: float) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     run(_work(app))
-    _exit_when_threads_end(grace)
-
-
-def _exit_when_threads_end(grace: float) -> NoReturn:
-    # Synchronous step bodies may still run in threads: their sagas were stopped and their
-    # results will be discarded (the sagas resume from the journal, like after a crash), but
-    # the interpreter would wait for them without limit at exit. Give them ``grace`` seconds.
-    deadline = time.monotonic() + grace
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_when_threads_end(grace)
 
 
 # -- migrate -----------------------------------------------------------------------------------
@@ -404,7 +364,8 @@ def _exit_when_threads_end(grace: float) -> NoReturn:
 
 @main.command()
 @db_option
-def migrate(url: str) -> None:
+@json_option
+def migrate(url: str, as_json: bool) -> None:
     """Create the database or upgrade its schema, and print the schema version."""
 
     async def open_db() -> tuple[str, int]:
@@ -412,7 +373,10 @@ def migrate(url: str) -> None:
             return app.store.location, await app.store.schema_version()
 
     location, version = run(open_db())
-    click.echo(f"{location}: schema version {version} (up to date)")
+    if as_json:
+        click.echo(dumps({"database": location, "schema_version": version}))
+    else:
+        click.echo(f"{location}: schema version {version} (up to date)")
 
 
 # -- demo --------------------------------------------------------------------------------------
@@ -454,8 +418,8 @@ def demo(url: str, kills: int, **simulation: Any) -> None:
     for violation in report.violations():
         Console(stderr=True).print(f"[bold red]invariant violated:[/] {escape(violation)}")
     if report.violations():
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 # Commands defined in their own modules register themselves on ``main`` when imported.
-from sagakit import cli_operator, cli_serve  # noqa: E402, F401
+from sagakit import cli_bench, cli_operator, cli_serve  # noqa: E402, F401

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sagakit.cli import _exit_when_threads_end, fail, load_app, main, run
+from sagakit.cli import main
+from sagakit.cli_base import ExitCode, exit_when_threads_end, fail, load_app, run
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -42,9 +43,12 @@ def read_token(token_file: Path | None) -> str | None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            fail(f"cannot read the token file {token_file}: {exc.strerror or exc}")
+            fail(f"cannot read the token file {token_file}: {exc.strerror or exc}", ExitCode.USAGE)
         if not token:
-            fail(f"the token file {token_file} is empty; put a long random secret in it")
+            fail(
+                f"the token file {token_file} is empty; put a long random secret in it",
+                ExitCode.USAGE,
+            )
         return token
     token = os.environ.get(TOKEN_ENV, "").strip()
     return token or None
@@ -110,12 +114,14 @@ def serve_command(
     if token is None and not insecure:
         fail(
             f"no API token: set {TOKEN_ENV} or pass --token-file PATH (a long random secret); "
-            "to serve without auth on this machine only, pass --insecure"
+            "to serve without auth on this machine only, pass --insecure",
+            ExitCode.USAGE,
         )
     if token is None and not is_loopback(host):
         fail(
             f"--insecure serves without auth, so it binds only a loopback address, not {host!r}; "
-            f"use --host 127.0.0.1, or set {TOKEN_ENV} to serve on {host}"
+            f"use --host 127.0.0.1, or set {TOKEN_ENV} to serve on {host}",
+            ExitCode.USAGE,
         )
     try:
         from sagakit.api import create_api
@@ -136,7 +142,7 @@ def serve_command(
         app.middleware = (*app.middleware, meter)  # before the App opens: its runner uses it
     api = create_api(app, token=token, metrics=meter)
     run(_serve(app, api, host=host, port=port, log_level=log_level))
-    _exit_when_threads_end(grace)
+    exit_when_threads_end(grace)
 
 
 async def _serve(app: App, api: FastAPI, *, host: str, port: int, log_level: str) -> None:

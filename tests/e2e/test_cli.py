@@ -139,9 +139,9 @@ def test_show_json(cwd: Path) -> None:
     assert shown["journal"][0]["kind"] == "saga_started"
 
 
-def test_show_unknown_id_exits_1_with_a_message(cwd: Path) -> None:
+def test_show_unknown_id_exits_3_with_a_message(cwd: Path) -> None:
     result = sagakit("show", "no-such-saga", cwd=cwd)
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert "no saga with id 'no-such-saga'" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
@@ -149,7 +149,7 @@ def test_show_unknown_id_exits_1_with_a_message(cwd: Path) -> None:
 
 def test_reading_a_missing_database_creates_nothing(tmp_path: Path) -> None:
     result = sagakit("list", "--db", "sqlite:///missing.db", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert "no database" in result.stderr
     assert not (tmp_path / "missing.db").exists()
 

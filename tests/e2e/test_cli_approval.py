@@ -99,7 +99,7 @@ async def test_approve_and_reject_from_the_cli(worker: tuple[str, Path], tmp_pat
     assert budget.held("PR-0002") == 0
 
     late = run_cli("signal", approved, "approve", "{}", cwd=tmp_path, url=url)
-    assert late.returncode == 1
+    assert late.returncode == 4  # refused by the saga's state
     assert "completed" in late.stderr
 
 
@@ -121,10 +121,10 @@ def test_bad_signal_payload_is_refused_and_sends_nothing(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'x.db'}"
     assert run_cli("migrate", cwd=tmp_path, url=url).returncode == 0
     bad = run_cli("signal", "some-id", "approve", "{not json", cwd=tmp_path, url=url)
-    assert bad.returncode == 1
+    assert bad.returncode == 2  # bad input
     assert "PAYLOAD must be JSON" in bad.stderr
     unknown = run_cli("signal", "some-id", "approve", "{}", cwd=tmp_path, url=url)
-    assert unknown.returncode == 1
+    assert unknown.returncode == 3  # no such saga
     assert "no saga with id" in unknown.stderr
 
 
@@ -161,7 +161,7 @@ async def test_retry_and_resolve_from_the_cli(tmp_path: Path) -> None:
     async with App(url, worker=False) as app:
         assert (await app.get(saga_id)).state is SagaState.COMPENSATING
     again = run_cli("retry", saga_id, cwd=tmp_path, url=url)
-    assert again.returncode == 1
+    assert again.returncode == 4  # refused: no longer needs attention
     assert "needs_attention" in again.stderr
     no_note = run_cli("resolve", saga_id, cwd=tmp_path, url=url)
     assert no_note.returncode == 2  # click: the required --note is missing

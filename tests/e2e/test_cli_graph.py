@@ -66,7 +66,7 @@ def test_graph_of_an_unknown_type_says_which_exist(tmp_path: Path) -> None:
     result = sagakit(
         "graph", "Nope", "--app", "sagakit.examples.order_fulfillment:app", cwd=tmp_path
     )
-    assert result.returncode == 1
+    assert result.returncode == 3  # not found
     assert result.stdout == ""
     assert "unknown saga type 'Nope'" in result.stderr
     assert "OrderFulfillment" in result.stderr
@@ -79,7 +79,7 @@ def test_graph_of_an_unknown_type_says_which_exist(tmp_path: Path) -> None:
         "sagakit.examples.order_fulfillment:app",
         cwd=tmp_path,
     )
-    assert version.returncode == 1
+    assert version.returncode == 3
     assert "no version 9 registered; the latest is 1" in version.stderr
 
 
@@ -149,7 +149,7 @@ def test_graph_of_a_code_first_saga_comes_from_its_runs(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'flows.db'}"
     (tmp_path / "flows.py").write_text(textwrap.dedent(_FLOWS.format(url=url)))
     before = sagakit("graph", "Checkout", "--app", "flows:app", cwd=tmp_path)
-    assert before.returncode == 1
+    assert before.returncode == 3  # no recorded run to draw from
     assert "run one first" in before.stderr
     assert not (tmp_path / "flows.db").exists()
 

@@ -62,13 +62,13 @@ def free_port() -> int:
 def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     write_app(tmp_path)
     result = serve(cwd=tmp_path, env=clean_env())
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "no API token" in said(result)
     assert "SAGAKIT_API_TOKEN" in said(result)
     empty = tmp_path / "empty.token"
     empty.write_text("\n")
     result = serve("--token-file", str(empty), cwd=tmp_path, env=clean_env())
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "is empty" in said(result)
     assert not (tmp_path / "s.db").exists()
 
@@ -77,7 +77,7 @@ def test_insecure_refuses_a_non_loopback_host(tmp_path: Path) -> None:
     write_app(tmp_path)
     for host in ("0.0.0.0", "192.168.1.10", "example.com"):  # noqa: S104 (what is refused)
         result = serve("--insecure", "--host", host, cwd=tmp_path, env=clean_env())
-        assert result.returncode == 1, host
+        assert result.returncode == 2, host
         assert "loopback" in said(result)
     assert not (tmp_path / "s.db").exists()
 

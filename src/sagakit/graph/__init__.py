@@ -28,7 +28,7 @@ from sagakit.store.base import SagaRecord
 if TYPE_CHECKING:
     from sagakit.app import App
 
-__all__ = ["escape", "graph_for", "mermaid", "mermaid_from_journals"]
+__all__ = ["escape", "graph_for", "mermaid", "mermaid_from_journals", "unknown_type_message"]
 
 # -- from an App -------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ async def graph_for(app: App, saga_type: str, *, version: int | None = None, run
     """
     saga = app.definition(saga_type, version)
     if saga is None:
-        raise ConfigurationError(_unknown(app, saga_type, version))
+        raise ConfigurationError(unknown_type_message(app, saga_type, version))
     if saga.steps:
         return mermaid(saga)
     journals = await _recorded_journals(app, saga, runs)
@@ -58,7 +58,8 @@ async def graph_for(app: App, saga_type: str, *, version: int | None = None, run
     return mermaid_from_journals(saga_type, journals)
 
 
-def _unknown(app: App, saga_type: str, version: int | None) -> str:
+def unknown_type_message(app: App, saga_type: str, version: int | None) -> str:
+    """Why ``saga_type`` (at ``version``) has no definition in ``app``, with what it has."""
     latest = app.definition(saga_type)
     if latest is not None:
         return (f"saga {saga_type!r} has no version {version} registered; "
