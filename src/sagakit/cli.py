@@ -102,15 +102,18 @@ def _payload(info: SagaInfo, name: str) -> Any:
 @click.option("--state", type=click.Choice([s.value for s in SagaState]), help="Only this state.")
 @click.option("--type", "saga_type", metavar="TYPE", help="Only sagas of this type.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, help="Skip this many (the next page)."
+)
 @json_option
 def list_sagas(
-    url: str, state: str | None, saga_type: str | None, limit: int, as_json: bool
+    *, url: str, state: str | None, saga_type: str | None, limit: int, offset: int, as_json: bool
 ) -> None:
-    """List sagas, newest first."""
+    """List sagas, newest first; page with --limit and --offset."""
 
     async def fetch() -> list[SagaInfo]:
         async with reader(url) as app:
-            return await app.list(state=state, saga_type=saga_type, limit=limit)
+            return await app.list(state=state, saga_type=saga_type, limit=limit, offset=offset)
 
     infos = run(fetch())
     if as_json:

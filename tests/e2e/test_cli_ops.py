@@ -190,6 +190,12 @@ def test_operator_commands_print_json(tmp_path: Path) -> None:
     }
 
 
+def test_list_pages_with_limit_and_offset(demo_dir: Path) -> None:
+    every = [r["id"] for r in rows(demo_dir, "--limit", "1000")]
+    assert [r["id"] for r in rows(demo_dir, "--limit", "5", "--offset", "3")] == every[3:8]
+    assert rows(demo_dir, "--offset", str(len(every))) == []
+
+
 def test_check_json_stays_clean_when_piped(demo_dir: Path) -> None:
     app = "sagakit.examples.order_fulfillment:app"
     result = sagakit("check", "--app", app, "--json", cwd=demo_dir)
