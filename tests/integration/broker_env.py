@@ -20,6 +20,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import pytest
 
+from sagakit.examples.runner import delete_namespace
 from sagakit.messaging import Broker, Delivery, Envelope, open_broker
 from sagakit.messaging.subscription import Subscription
 
@@ -86,37 +87,9 @@ async def broker_lock(*, exclusive: bool) -> AsyncIterator[None]:
         os.close(fd)
 
 
-async def cleanup(kind: str, url: str, prefix: str, queues: Iterable[str] = ()) -> None:
-    """Delete what the brokers of a test made under ``prefix`` (best effort)."""
-    if kind == "rabbitmq":
-        import aio_pika
-
-        connection = await aio_pika.connect(url, timeout=5)
-        async with connection:
-            channel = await connection.channel()
-            for queue in queues:
-                await channel.queue_delete(queue)
-            await channel.exchange_delete(prefix)
-    elif kind == "nats":
-        import nats
-        import nats.js.errors
-
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-        try:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await nc.jetstream().delete_stream(prefix)
-        finally:
-            await nc.close()
-    elif kind == "redis":
-        from redis.asyncio import Redis
-
-        client = Redis.from_url(url)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+async def cleanup(url: str, prefix: str, queues: Iterable[str] = ()) -> None:
+    """Delete what the brokers of a test made under ``prefix``."""
+    await delete_namespace(url, prefix, queues)
 
 
 # -- opening brokers, publishing and taking messages --------------------------------------------

@@ -35,7 +35,7 @@ async def connected(kind: str) -> AsyncIterator[Broker]:
                 await broker.close()
             if kind != "memory":
                 with contextlib.suppress(Exception):  # best effort, like the broker tests
-                    await cleanup(kind, URLS[kind], brokers.prefix, brokers.queues())
+                    await cleanup(URLS[kind], brokers.prefix, brokers.queues())
 
 
 def command(

@@ -53,7 +53,7 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
             for broker in made.made:
                 await broker.close()
             if kind != "memory":
-                await cleanup(kind, URLS[kind], made.prefix, made.queues())
+                await cleanup(URLS[kind], made.prefix, made.queues())
 
 
 @pytest.fixture

@@ -266,4 +266,4 @@ async def test_restart_loses_nothing_and_consumers_go_on(server: Server) -> None
     await asyncio.wait_for(consumer, 5)  # the iterator ended with the broker, without error
     if kind != "redis":
         queues = (f"{prefix}.live.{TOPIC}", f"{prefix}.cold.{TOPIC}")
-        await cleanup(kind, server.url, prefix, queues)
+        await cleanup(server.url, prefix, queues)

@@ -73,7 +73,7 @@ async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
                 await broker.close()
             if kind != "memory":
                 queues = {q for b in made.made for q in getattr(b, "declared_queues", ())}
-                await cleanup(kind, URLS[kind], made.prefix, queues)
+                await cleanup(URLS[kind], made.prefix, queues)
 
 
 @pytest.fixture

@@ -76,37 +76,47 @@ async def forget_namespace(url: str, queues: Iterable[tuple[str, str]]) -> None:
     """Delete what a run left on the broker under its prefix (best effort): the RabbitMQ
     queues ``<prefix>.<group>.<topic>`` and exchange, the JetStream stream, the Redis streams."""
     driver_url, options = split_options(url)
-    prefix, scheme = options.prefix, urlsplit(url).scheme
+    prefix = options.prefix
     try:
-        if scheme in ("amqp", "amqps"):
-            import aio_pika
-
-            connection = await aio_pika.connect(driver_url, timeout=5)
-            async with connection:
-                channel = await connection.channel()
-                for topic, group in queues:
-                    await channel.queue_delete(f"{prefix}.{group}.{topic}")
-                await channel.exchange_delete(prefix)
-        elif scheme in ("nats", "tls"):
-            import nats
-
-            nc = await nats.connect(driver_url, connect_timeout=2, max_reconnect_attempts=0)
-            try:
-                await nc.jetstream().delete_stream(prefix)
-            finally:
-                await nc.close()
-        elif scheme in ("redis", "rediss"):
-            from redis.asyncio import Redis
-
-            client = Redis.from_url(driver_url)
-            try:
-                keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-                if keys:
-                    await client.delete(*keys)
-            finally:
-                await client.aclose()
+        await delete_namespace(driver_url, prefix, (f"{prefix}.{g}.{t}" for t, g in queues))
     except Exception as exc:  # leftovers are harmless: another run uses another prefix
         log.warning("could not delete broker namespace %s: %s", prefix, exc)
+
+
+async def delete_namespace(url: str, prefix: str, queues: Iterable[str] = ()) -> None:
+    """Delete the broker objects named by ``prefix`` on the broker at ``url`` (a driver URL,
+    without sagakit's options): the RabbitMQ ``queues`` (full names) and exchange, the
+    JetStream stream, the Redis streams. Driver errors propagate."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("amqp", "amqps"):
+        import aio_pika
+
+        connection = await aio_pika.connect(url, timeout=5)
+        async with connection:
+            channel = await connection.channel()
+            for queue in queues:
+                await channel.queue_delete(queue)
+            await channel.exchange_delete(prefix)
+    elif scheme in ("nats", "tls"):
+        import nats
+        import nats.js.errors
+
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(prefix)
+        finally:
+            await nc.close()
+    elif scheme in ("redis", "rediss"):
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(url)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 # -- the processes of a run --------------------------------------------------------------------
