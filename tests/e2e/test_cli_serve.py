@@ -122,3 +122,39 @@ def test_serves_the_api_with_a_token_and_stops_on_sigterm(tmp_path: Path) -> Non
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert "sagakit serve stopped" in stderr
+
+
+def test_insecure_serves_the_dashboard_without_a_login(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sagakit", "serve", "--app", "serve_app:app", "--insecure",
+         "--port", str(port), "--log-level", "warning"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                started = httpx.post(f"{base}/api/sagas", json={"type": "Order", "data": 1})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+        assert started.status_code == 201, started.text  # no token asked
+        with httpx.Client(base_url=base, follow_redirects=True, timeout=5) as browser:
+            page = browser.get("/")
+            assert page.status_code == 200
+            assert [str(r.url.path) for r in page.history] == ["/", "/login"]
+            assert started.json()["id"] in page.text
+            assert "sagakit_session" in browser.cookies
+        # Addressed by another name (DNS rebinding), the dashboard opens no session.
+        other = httpx.get(f"{base}/login", headers={"Host": f"attacker.example:{port}"})
+        assert other.status_code == 403
+        assert "set-cookie" not in other.headers
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr

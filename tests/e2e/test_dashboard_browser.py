@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,6 +56,12 @@ app.register(Saga("Broken", steps=[
     step("reserve", reserve, compensate=broken_undo, compensate_retry=once),
     step("charge", charge),
 ]))
+
+@app.saga("Approval")
+async def approval(ctx, data):
+    await ctx.step(reserve, data, compensate=release)
+    decision = await ctx.wait_for_signal("decision")
+    return {"approved": decision["approve"], "by": decision["by"]}
 """
 
 
@@ -141,6 +148,23 @@ def _start_and_settle(base: str, token: str) -> dict[str, str]:
     return ids
 
 
+def _start(base: str, token: str, saga_type: str, data: object) -> str:
+    auth = {"Authorization": f"Bearer {token}"}
+    body = {"type": saga_type, "data": data}
+    r = httpx.post(f"{base}/api/sagas", json=body, headers=auth, timeout=5)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _reload_until(page: Any, selector: str, text: str) -> None:
+    """The saga page does not refresh itself: reload it until ``selector`` shows ``text``."""
+    deadline = time.monotonic() + 15
+    while text not in page.locator(selector).inner_text():
+        assert time.monotonic() < deadline, page.locator(selector).inner_text()
+        time.sleep(0.2)
+        page.reload()
+
+
 def test_the_dashboard_in_chromium(server: tuple[str, str], tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -181,18 +205,43 @@ def test_the_dashboard_in_chromium(server: tuple[str, str], tmp_path: Path) -> N
             expect(page.locator("#state")).to_have_text("failed")
             expect(page.locator("#timeline")).to_contain_text("refunded by hand")
 
+            # A signal sent from the saga page resumes the saga waiting for it.
+            waiting = _start(base, token, "Approval", {"sku": "PEN"})
+            page.goto(f"{base}/sagas/{waiting}")
+            _reload_until(page, "#timeline", "✉ signal 'decision'")
+            expect(page.locator("#state")).to_have_text("running (waiting)")
+            page.fill("input[name=name]", "decision")
+            page.fill("input[name=payload]", '{"approve": true, "by": "<i>ann</i>"}')
+            page.click("button[value=signal]")
+            expect(page.locator("#flash")).to_contain_text("Signal 'decision' sent.")
+            _reload_until(page, "#state", "completed")
+            expect(page.locator("#timeline")).to_contain_text("received")
+            expect(page.locator("#timeline")).to_contain_text("saga completed")
+            expect(page.locator("body")).to_contain_text('"by": "<i>ann</i>"')
+
             # The list updates live, without a reload.
             page.goto(f"{base}/")
             expect(page.locator('b[data-state="needs_attention"]')).to_have_text("0")
-            auth = {"Authorization": f"Bearer {token}"}
-            body = {"type": "Order", "data": {"sku": "LIVE"}}
-            new_id = httpx.post(f"{base}/api/sagas", json=body, headers=auth, timeout=5).json()[
-                "id"
-            ]
+            new_id = _start(base, token, "Order", {"sku": "LIVE"})
             expect(page.locator(f'tr[data-saga="{new_id}"]')).to_be_visible(timeout=10_000)
+
+            # Paging: two a page; the live refresh stays on the page shown.
+            page.goto(f"{base}/?limit=2")
+            expect(page.locator("#showing")).to_have_text("showing 1-2 of 5")
+            page.click("#older")
+            page.wait_for_url(f"{base}/?limit=2&offset=2")
+            expect(page.locator("#showing")).to_have_text("showing 3-4 of 5")
+            _start(base, token, "Order", {"sku": "LATER"})
+            expect(page.locator("#showing")).to_have_text("showing 3-4 of 6", timeout=10_000)
+            expect(page.locator("#sagas tbody tr")).to_have_count(2)
+            assert page.url == f"{base}/?limit=2&offset=2"
 
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # When the session ends, the live refresh sends the page to the login form.
+            page.context.clear_cookies()
+            page.wait_for_url(f"{base}/login", timeout=10_000)
         finally:
             browser.close()
     assert shot.exists()

@@ -1,76 +1,29 @@
-"""The dashboard over httpx's ASGI transport: login, escaping, CSRF and an action."""
+"""The dashboard over httpx's ASGI transport: login, escaping, CSRF, the action forms and
+paging, on an App that runs the sagas on a temporary SQLite file."""
 
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
+from dashboard_helpers import TOKEN, client_for, csrf_of, log_in, register
 
-from sagakit import App, RetryPolicy, Saga, SagaState, step
+from sagakit import App, Kind, SagaState
 from sagakit.api import create_api
-
-TOKEN = secrets.token_urlsafe(24)
-FAST = 0.001
-
-
-async def reserve(ctx: Any, data: Any) -> dict[str, Any]:
-    return {"reserved": data["sku"]}
-
-
-async def release(ctx: Any, data: Any, result: Any) -> None:
-    return None
-
-
-async def fail_for_good(ctx: Any, data: Any) -> None:
-    raise RuntimeError("card declined <b>")
-
-
-async def broken_undo(ctx: Any, data: Any, result: Any) -> None:
-    raise ConnectionError("inventory service unavailable")
-
-
-def register(app: App) -> None:
-    app.register(Saga("Order", steps=[step("reserve", reserve, compensate=release)]))
-    app.register(
-        Saga(
-            "Refund",
-            steps=[step("reserve", reserve, compensate=release), step("charge", fail_for_good)],
-        )
-    )
-    undo_policy = RetryPolicy(max_attempts=1, initial_interval=FAST)
-    app.register(
-        Saga(
-            "Broken",
-            steps=[
-                step("reserve", reserve, compensate=broken_undo, compensate_retry=undo_policy),
-                step("charge", fail_for_good),
-            ],
-        )
-    )
+from sagakit.testing import until_waiting
 
 
 @pytest.fixture
 async def browser(app: App) -> AsyncIterator[httpx.AsyncClient]:
     """A client logged in to the dashboard (it holds the session cookie)."""
     register(app)
-    transport = httpx.ASGITransport(app=create_api(app, token=TOKEN))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        r = await c.post("/login", data={"token": TOKEN})
-        assert r.status_code == 303
-        cookie = r.headers["set-cookie"].lower()
+    async with client_for(app, TOKEN) as c:
+        cookie = (await log_in(c)).headers["set-cookie"].lower()
         assert "httponly" in cookie
         assert "samesite=strict" in cookie
         yield c
-
-
-def csrf_of(html: str) -> str:
-    found = re.search(r'name=csrf value="([^"]+)"', html)
-    assert found, html
-    return found.group(1)
 
 
 async def test_the_dashboard_needs_a_login(app: App) -> None:
@@ -189,3 +142,152 @@ async def test_retry_resumes_a_parked_saga(app: App, browser: httpx.AsyncClient)
 def test_dashboard_routes_stay_out_of_the_openapi_document(app: App) -> None:
     paths = create_api(app, token=TOKEN).openapi()["paths"]
     assert all(p.startswith("/api/") for p in paths), list(paths)
+
+
+# -- the signal and cancel forms ----------------------------------------------------------------
+
+
+async def test_the_signal_form_resumes_a_waiting_saga(app: App, browser: httpx.AsyncClient) -> None:
+    handle = await app.start("Approval", {"sku": "PEN"})
+    assert (await until_waiting(app, handle.id)).waiting
+    page = (await browser.get(f"/sagas/{handle.id}")).text
+    assert 'action="/sagas/' + handle.id + '/signal"' in page
+    url, csrf = f"/sagas/{handle.id}/signal", csrf_of(page)
+
+    bad = await browser.post(url, data={"csrf": csrf, "name": "decision", "payload": "{oops"})
+    assert bad.status_code == 303
+    assert (
+        "signal failed: the payload is not JSON"
+        in (await browser.get(bad.headers["location"])).text
+    )
+    assert (await app.get(handle.id)).waiting
+
+    payload = '{"approve": true, "by": "<b>ann</b>"}'
+    r = await browser.post(url, data={"csrf": csrf, "name": "decision", "payload": payload})
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/sagas/{handle.id}"
+    flashed = (await browser.get(r.headers["location"])).text
+    assert "Signal &#x27;decision&#x27; sent." in flashed
+    again = (await browser.get(f"/sagas/{handle.id}")).text
+    assert "Signal &#x27;decision&#x27; sent." not in again  # shown once
+    done = await app.wait(handle.id)
+    assert done.state is SagaState.COMPLETED
+    assert done.output == {"approved": True, "by": "<b>ann</b>"}
+    shown = (await browser.get(f"/sagas/{handle.id}")).text
+    assert "<td>✉ signal &#x27;decision&#x27;</td><td></td><td>received</td>" in shown
+    assert "&lt;b&gt;ann&lt;/b&gt;" in shown
+    assert "<b>ann</b>" not in shown
+
+
+async def test_the_cancel_form_compensates_a_waiting_saga(
+    app: App, browser: httpx.AsyncClient
+) -> None:
+    handle = await app.start("Approval", {"sku": "PEN"})
+    await until_waiting(app, handle.id)
+    csrf = csrf_of((await browser.get(f"/sagas/{handle.id}")).text)
+    r = await browser.post(
+        f"/sagas/{handle.id}/cancel", data={"csrf": csrf, "reason": "customer changed their mind"}
+    )
+    assert r.status_code == 303
+    assert "Cancel requested" in (await browser.get(f"/sagas/{handle.id}")).text
+    assert (await app.wait(handle.id)).state is SagaState.CANCELLED
+    undone = [e.step for e in await app.journal(handle.id) if e.kind is Kind.COMPENSATION_COMPLETED]
+    assert undone == ["reserve"]
+    shown = (await browser.get(f"/sagas/{handle.id}")).text
+    assert 'id="state" class="state-cancelled">cancelled' in shown
+    assert "reason: customer changed their mind" in shown
+    assert 'data-step="reserve" data-state="compensated"' in shown
+    assert "No action applies in this state." in shown
+
+
+async def test_refused_posts_write_nothing(app: App, browser: httpx.AsyncClient) -> None:
+    handle = await app.start("Approval", {"sku": "PEN"})
+    await until_waiting(app, handle.id)
+    before = await app.journal(handle.id)
+    csrf = csrf_of((await browser.get(f"/sagas/{handle.id}")).text)
+    signal = {"name": "decision", "payload": '{"approve": true, "by": "mallory"}'}
+    for action, form in (("signal", signal), ("cancel", {"reason": "mallory"})):
+        url = f"/sagas/{handle.id}/{action}"
+        refused = [
+            await browser.post(url, data=form),
+            await browser.post(url, data={**form, "csrf": csrf[:-1]}),
+            await browser.post(url, data={**form, "csrf": csrf}, headers={"Origin": "http://evil"}),
+            await browser.post(
+                url, data={**form, "csrf": csrf}, headers={"Sec-Fetch-Site": "cross-site"}
+            ),
+        ]
+        assert [r.status_code for r in refused] == [403] * 4, action
+        assert all("set-cookie" not in r.headers for r in refused)
+    async with client_for(app, TOKEN) as anonymous:
+        r = await anonymous.post(f"/sagas/{handle.id}/cancel", data={"csrf": csrf})
+        assert r.status_code == 403
+        assert "log in first" in r.text
+    assert await app.journal(handle.id) == before
+    assert (await app.get(handle.id)).waiting
+    # Had a refused signal or cancel been stored, the saga would now get mallory's decision
+    # (signals are delivered in the order sent) or end cancelled.
+    await app.signal(handle.id, "decision", {"approve": True, "by": "ann"})
+    done = await app.wait(handle.id)
+    assert (done.state, done.output) == (SagaState.COMPLETED, {"approved": True, "by": "ann"})
+
+
+# -- paging -------------------------------------------------------------------------------------
+
+
+def ids_in(html: str) -> list[str]:
+    return re.findall(r'<tr data-saga="([^"]+)"', html)
+
+
+def link(html: str, name: str) -> str | None:
+    found = re.search(rf'<a id="{name}" href="([^"]+)"', html)
+    return None if found is None else found.group(1).replace("&amp;", "&")
+
+
+async def test_paging_through_the_list(app: App, browser: httpx.AsyncClient) -> None:
+    for n in range(5):
+        await app.wait((await app.start("Order", {"sku": f"S{n}"})).id)
+    failed = await app.start("Refund", {"sku": "PEN"})
+    assert (await app.wait(failed.id)).state is SagaState.FAILED
+    newest_first = [i.id for i in await app.list(state="completed")]
+    assert len(newest_first) == 5
+
+    first = (await browser.get("/", params={"state": "completed", "limit": "2"})).text
+    assert ids_in(first) == newest_first[:2]
+    assert "showing 1-2 of 5" in first
+    assert link(first, "newer") is None
+    assert link(first, "older") == "/?state=completed&limit=2&offset=2"
+    second = (await browser.get(link(first, "older") or "")).text
+    assert ids_in(second) == newest_first[2:4]
+    assert "showing 3-4 of 5" in second
+    assert link(second, "newer") == "/?state=completed&limit=2"
+    # The live refresh asks for the page it is on, and keeps it.
+    live = (await browser.get("/?state=completed&limit=2&offset=2&fragment=1")).text
+    assert ids_in(live) == newest_first[2:4]
+    assert "<html" not in live
+    assert link(live, "older") == "/?state=completed&limit=2&offset=4"
+    last = (await browser.get("/?state=completed&limit=2&offset=4")).text
+    assert ids_in(last) == newest_first[4:]
+    assert "showing 5-5 of 5" in last
+    assert link(last, "older") is None
+    assert '<b data-state="failed">1</b>' in last  # the counts stay those of every state
+
+    # The store counts sagas by state only: with a type filter the total is exact at the end.
+    typed = (await browser.get("/", params={"type": "Order", "limit": "3"})).text
+    assert "showing 1-3 of more than 3" in typed
+    assert 'name=limit value="3"' in typed  # a new filter keeps the page size
+    typed_last = (await browser.get(link(typed, "older") or "")).text
+    assert ids_in(typed_last) == newest_first[3:]
+    assert "showing 4-5 of 5" in typed_last
+    beyond = (await browser.get("/", params={"offset": "100"})).text
+    assert ids_in(beyond) == []
+    assert link(beyond, "newer") == "/?offset=50"
+
+
+async def test_the_default_page_holds_fifty(app: App, browser: httpx.AsyncClient) -> None:
+    handles = [await app.start("Order", {"sku": f"S{n}"}) for n in range(51)]
+    page = (await browser.get("/")).text
+    assert len(ids_in(page)) == 50
+    assert "showing 1-50 of 51" in page
+    older = (await browser.get(link(page, "older") or "")).text
+    assert len(ids_in(older)) == 1
+    assert {*ids_in(page), *ids_in(older)} == {h.id for h in handles}

@@ -1,20 +1,52 @@
-"""Bearer-token auth for every request the API receives, and its entry in the OpenAPI document.
+"""The two ways in to ``sagakit serve``: a bearer token for programs, a signed cookie for people.
 
-The check is ASGI middleware rather than a FastAPI dependency: a dependency runs after the
-request body is parsed, so a malformed body would get a 422 before an unauthenticated caller
-got its 401; the middleware refuses first, on every path (unknown ones too).
+**Programs** (``/api/...``, ``/openapi.json``, ``/metrics``) send ``Authorization: Bearer
+<token>`` on every request. :class:`BearerAuth` checks it as ASGI middleware rather than as a
+FastAPI dependency: a dependency runs after the request body is parsed, so a malformed body
+would get a 422 before an unauthenticated caller got its 401; the middleware refuses first, on
+every path (unknown ones too) except the dashboard's.
+
+**People** use the dashboard (``/``, ``/sagas/...``), which a browser cannot send a header to.
+They log in once by posting the same token to ``/login`` and get a session cookie (HttpOnly,
+SameSite=Strict, Secure when served over https) that :class:`SessionCookies` signs and checks:
+``v1.<expires>.<nonce>.<mac>``, the MAC an HMAC-SHA256 over the rest under a key derived from
+the token with its own label. The server keeps no session state, so a session survives a
+restart and works on every process serving the same token; and it follows that
+
+- a session ends when its expiry (12 h after login) passes: the expiry is inside the MAC;
+- logging out clears the cookie in that browser but cannot revoke a copy of it, which stays
+  valid until it expires;
+- rotating the API token revokes every session at once, since their key derives from it.
+
+Every dashboard form carries a CSRF token, an HMAC of the session cookie under a second derived
+key, so a page of another site can neither read it nor make one up; the dashboard also refuses a
+POST whose ``Origin`` or ``Sec-Fetch-Site`` says it came from another site. The result of an
+action, shown once on the next page, travels in a short-lived cookie signed under a third key.
+
+Behind a reverse proxy that terminates TLS, the cookie gets its Secure flag only when the proxy
+sends ``X-Forwarded-Proto: https`` and uvicorn trusts it (``--forwarded-allow-ips``).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import json
+import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SCHEME = "bearerAuth"
+SESSION_SECONDS = 12 * 3600
+FLASH_SECONDS = 60
+_VERSION = "v1"
+_CLOCK_SKEW = 60.0  # an expiry further ahead than a fresh session's was not issued by us
 
 
 class BearerAuth:
@@ -57,3 +89,90 @@ def document_bearer(schema: dict[str, Any]) -> dict[str, Any]:
     components.setdefault("securitySchemes", {})[SCHEME] = {"type": "http", "scheme": "bearer"}
     schema["security"] = [{SCHEME: []}]
     return schema
+
+
+# -- the dashboard's session cookie -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """A checked session cookie: its value, when it expires and the CSRF token of its forms."""
+
+    cookie: str
+    expires: float
+    csrf: str
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class SessionCookies:
+    """Issues and checks the dashboard's signed session cookies, holding no state.
+
+    Args:
+        token: the API token the keys derive from; ``None`` (``--insecure``) draws a random
+            key per process instead, so sessions end with the process.
+    """
+
+    def __init__(self, token: str | None) -> None:
+        root = secrets.token_bytes(32) if token is None else token.encode()
+        self._session_key = _derive(root, b"sagakit dashboard session v1")
+        self._csrf_key = _derive(root, b"sagakit dashboard csrf v1")
+        self._flash_key = _derive(root, b"sagakit dashboard flash v1")
+
+    def issue(self, *, now: float | None = None) -> str:
+        """A new session's cookie value, valid for :data:`SESSION_SECONDS` from ``now``."""
+        at = time.time() if now is None else now
+        body = f"{_VERSION}.{int(at + SESSION_SECONDS)}.{secrets.token_urlsafe(16)}"
+        return f"{body}.{self._mac(self._session_key, body)}"
+
+    def check(self, cookie: str | None, *, now: float | None = None) -> Session | None:
+        """The session of ``cookie`` if it is ours, unaltered and unexpired, else None."""
+        if not cookie or len(cookie) > 256:
+            return None
+        body, _, mac = cookie.rpartition(".")
+        # compare_digest: how long the check takes says nothing of how close a forgery came.
+        if not hmac.compare_digest(mac.encode(), self._mac(self._session_key, body).encode()):
+            return None
+        parts = body.split(".")
+        if len(parts) != 3 or parts[0] != _VERSION or not parts[1].isdigit():
+            return None
+        expires, at = float(parts[1]), time.time() if now is None else now
+        if not at < expires <= at + SESSION_SECONDS + _CLOCK_SKEW:
+            return None
+        return Session(cookie=cookie, expires=expires, csrf=self._mac(self._csrf_key, cookie))
+
+    def flash(self, saga_id: str, text: str, ok: bool) -> str:
+        """A cookie value carrying an action's outcome to the next page of ``saga_id``."""
+        # A cookie holds about 4 KB; an error message longer than this is cut.
+        brief = text if len(text) <= 300 else text[:300] + "…"
+        expires = int(time.time() + FLASH_SECONDS)
+        payload = _b64(json.dumps([saga_id, brief, ok, expires]).encode())
+        return f"{payload}.{self._mac(self._flash_key, payload)}"
+
+    def read_flash(self, cookie: str | None, saga_id: str) -> tuple[str, bool] | None:
+        """(text, ok) of a flash cookie meant for ``saga_id``'s page, if signed and fresh."""
+        payload, _, mac = (cookie or "").rpartition(".")
+        if not payload or not hmac.compare_digest(
+            mac.encode(), self._mac(self._flash_key, payload).encode()
+        ):
+            return None
+        for_id, text, ok, expires = json.loads(_unb64(payload))
+        if for_id != saga_id or expires < time.time():
+            return None
+        return str(text), bool(ok)
+
+    @staticmethod
+    def _mac(key: bytes, message: str) -> str:
+        return _b64(hmac.new(key, message.encode(), hashlib.sha256).digest())
+
+
+def _derive(root: bytes, label: bytes) -> bytes:
+    """A key for one purpose: HMAC-SHA256 keyed by the root secret over a label no other
+    purpose uses, so a MAC made for one (a CSRF token, say) never passes as another."""
+    return hmac.new(root, label, hashlib.sha256).digest()

@@ -1,26 +1,31 @@
 """The dashboard: HTML pages served by the API's app, for people with a browser.
 
-``GET /`` lists sagas (counts by state, filters, refreshed every 2 s), ``GET /sagas/{id}``
-shows one (summary, steps coloured by state, timeline, Mermaid source) with forms to retry,
-resolve, cancel or signal it. None of these routes is in the OpenAPI document.
+``GET /`` lists sagas a page at a time, newest first (counts by state, filters, newer/older
+links, refreshed every 2 s without leaving the page shown), ``GET /sagas/{id}`` shows one
+(summary, steps coloured by state, timeline, Mermaid source) with forms to retry, resolve,
+cancel or signal it. None of these routes is in the OpenAPI document.
 
 A browser cannot send the bearer header, so the dashboard logs in instead: ``POST /login``
-with the API token opens a session, kept in memory, whose random id is an HttpOnly,
-SameSite=Strict cookie. Dashboard paths accept only that cookie; API paths keep requiring the
-bearer header (:class:`~sagakit.api.auth.BearerAuth` leaves the dashboard's paths to this
-module). Every POST must carry the session's CSRF token, and is refused when its ``Origin`` (or
-``Sec-Fetch-Site``) says it came from another site; pages may not be framed.
+with the API token sets a signed, stateless session cookie (see :mod:`sagakit.api.auth` for
+what it holds, how long it lasts and what logging out can and cannot do). Dashboard paths
+accept only that cookie; API paths keep requiring the bearer header
+(:class:`~sagakit.api.auth.BearerAuth` leaves the dashboard's paths to this module). Every POST
+must carry the session's CSRF token, and is refused when its ``Origin`` (or ``Sec-Fetch-Site``)
+says it came from another site; pages may not be framed.
+
+Without a token (``--insecure``) ``GET /login`` logs in without asking, and the dashboard
+answers only requests addressed to a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``):
+a page of another site whose name its DNS re-points at 127.0.0.1 is then refused rather than
+logged in.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import re
 import secrets
-import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -29,6 +34,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api import pages
+from sagakit.api.auth import FLASH_SECONDS, SESSION_SECONDS, Session, SessionCookies
 from sagakit.errors import ConfigurationError, SagakitError, SagaNotFound
 from sagakit.graph import graph_for
 from sagakit.journal import ACTIVE, SagaState
@@ -38,9 +44,9 @@ if TYPE_CHECKING:
     from sagakit.app import App
 
 COOKIE = "sagakit_session"
-SESSION_SECONDS = 12 * 3600
-MAX_SESSIONS = 1000
-_LIST_LIMIT = 200
+FLASH_COOKIE = "sagakit_flash"
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
 _PATHS = re.compile(r"^/(?:login|logout)?$|^/sagas/[^/]+(?:/(?:retry|cancel|resolve|signal))?$")
 _ACTIONS = ("retry", "cancel", "resolve", "signal")
 
@@ -50,45 +56,15 @@ def is_dashboard_path(path: str) -> bool:
     return _PATHS.match(path) is not None
 
 
-@dataclass(slots=True)
-class Session:
-    csrf: str
-    expires: float
-    flash: tuple[str, bool] | None = None
-
-
-class Sessions:
-    """Logged-in browsers, by random session id; in memory, so a restart logs everyone out."""
-
-    def __init__(self) -> None:
-        self._by_id: OrderedDict[str, Session] = OrderedDict()
-
-    def open(self) -> str:
-        while len(self._by_id) >= MAX_SESSIONS:
-            self._by_id.popitem(last=False)
-        sid = secrets.token_urlsafe(32)
-        self._by_id[sid] = Session(secrets.token_urlsafe(32), time.monotonic() + SESSION_SECONDS)
-        return sid
-
-    def get(self, sid: str | None) -> Session | None:
-        session = self._by_id.get(sid) if sid else None
-        if session is not None and session.expires < time.monotonic():
-            del self._by_id[sid]  # type: ignore[arg-type]
-            return None
-        return session
-
-    def close(self, sid: str | None) -> None:
-        if sid:
-            self._by_id.pop(sid, None)
-
-
 class DashboardAuth:
-    """On dashboard paths: a session cookie is required (else a redirect to the login page, or
-    403 for a POST) and a POST from another origin is refused."""
+    """On dashboard paths: a valid session cookie is required (else a redirect to the login
+    page, or 403 for a POST) and a POST from another origin is refused; with
+    ``loopback_only``, so is a request addressed to a name that is not a loopback one."""
 
-    def __init__(self, app: ASGIApp, *, sessions: Sessions) -> None:
+    def __init__(self, app: ASGIApp, *, cookies: SessionCookies, loopback_only: bool) -> None:
         self.app = app
-        self._sessions = sessions
+        self._cookies = cookies
+        self._loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_dashboard_path(scope["path"]):
@@ -96,10 +72,12 @@ class DashboardAuth:
             return
         request = Request(scope)
         refusal: Response | None = None
-        if request.method == "POST" and not _same_origin(request):
+        if self._loopback_only and not _addressed_to_loopback(request):
+            refusal = _refused("without a token the dashboard answers only at localhost")
+        elif request.method == "POST" and not _same_origin(request):
             refusal = _refused("cross-site request refused")
         elif scope["path"] != "/login":
-            session = self._sessions.get(request.cookies.get(COOKIE))
+            session = self._cookies.check(request.cookies.get(COOKIE))
             if session is None:
                 refusal = (
                     RedirectResponse("/login", status_code=303)
@@ -112,6 +90,19 @@ class DashboardAuth:
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _addressed_to_loopback(request: Request) -> bool:
+    host = request.headers.get("host")
+    if host is None:
+        return True  # HTTP/1.0 without a Host: no browser, so no page of another site
+    name = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _same_origin(request: Request) -> bool:
@@ -152,19 +143,37 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def _login_routes(api: FastAPI, sessions: Sessions, token: str | None) -> None:
+def _session_of(request: Request) -> Session:
+    session: Session = request.state.session
+    return session
+
+
+def _csrf_ok(form: dict[str, str], session: Session) -> bool:
+    return hmac.compare_digest(form.get("csrf", "").encode(), session.csrf.encode())
+
+
+def _set_cookie(response: Response, request: Request, name: str, value: str, age: int) -> None:
+    response.set_cookie(name, value, max_age=age, path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")  # fmt: skip
+
+
+def _clear_cookie(response: Response, request: Request, name: str) -> None:
+    response.delete_cookie(name, path="/", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")  # fmt: skip
+
+
+def _login_routes(api: FastAPI, cookies: SessionCookies, token: str | None) -> None:
     secret = None if token is None else token.encode()
 
-    def logged_in(sid: str) -> Response:
+    def logged_in(request: Request) -> Response:
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, sid, max_age=SESSION_SECONDS, httponly=True,
-                            samesite="strict", path="/")  # fmt: skip
+        _set_cookie(response, request, COOKIE, cookies.issue(), SESSION_SECONDS)
         return response
 
     @api.get("/login", include_in_schema=False)
-    async def login_form() -> Response:
+    async def login_form(request: Request) -> Response:
         if secret is None:
-            return logged_in(sessions.open())
+            return logged_in(request)
         nonce = secrets.token_urlsafe(16)
         return _html(pages.login_page(nonce=nonce, failed=False), nonce)
 
@@ -172,32 +181,43 @@ def _login_routes(api: FastAPI, sessions: Sessions, token: str | None) -> None:
     async def login(request: Request) -> Response:
         given = (await _form(request)).get("token", "").strip().encode()
         if secret is None or hmac.compare_digest(given, secret):
-            return logged_in(sessions.open())
+            return logged_in(request)
         nonce = secrets.token_urlsafe(16)
         return _html(pages.login_page(nonce=nonce, failed=True), nonce, 401)
 
     @api.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        csrf = (await _form(request)).get("csrf", "")
-        if not hmac.compare_digest(csrf, _session_of(request).csrf):
+        if not _csrf_ok(await _form(request), _session_of(request)):
             return _refused("missing or wrong CSRF token")
-        sessions.close(request.cookies.get(COOKIE))
+        # The cookie is stateless: this browser forgets it, but a copy stays valid until it
+        # expires (or the API token is rotated).
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE, path="/")
+        _clear_cookie(response, request, COOKIE)
         return response
 
 
-def _session_of(request: Request) -> Session:
-    session: Session = request.state.session
-    return session
+def _bounded(text: str | None, default: int, low: int, high: int) -> int:
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        return default
+    return min(max(value, low), high)
+
+
+def _total(counts: dict[str, int], state: str | None, saga_type: str | None) -> int | None:
+    """How many sagas match the filters, from the counts by state; None with a type filter,
+    which the store does not count."""
+    if saga_type is not None:
+        return None
+    return counts.get(state, 0) if state else sum(counts.values())
 
 
 def create_dashboard(api: FastAPI, app: App, token: str | None) -> None:
     """Add the dashboard's routes and its cookie-auth middleware to ``api``.
 
     With ``token=None`` (``--insecure``) the login page opens a session without asking."""
-    sessions = Sessions()
-    _login_routes(api, sessions, token)
+    cookies = SessionCookies(token)
+    _login_routes(api, cookies, token)
 
     @api.get("/", include_in_schema=False)
     async def saga_list(request: Request) -> Response:
@@ -206,14 +226,22 @@ def create_dashboard(api: FastAPI, app: App, token: str | None) -> None:
         saga_type = query.get("type") or None
         if state is not None and state not in {s.value for s in SagaState}:
             state = None
-        sagas = await app.list(state=state, saga_type=saga_type, limit=_LIST_LIMIT)
-        fragment = pages.list_fragment(await app.store.counts(), sagas)
+        limit = _bounded(query.get("limit"), PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        offset = _bounded(query.get("offset"), 0, 0, 10**9)
+        # One row more than shown says whether an older page exists.
+        rows = await app.list(state=state, saga_type=saga_type, limit=limit + 1, offset=offset)
+        sagas, more = rows[:limit], len(rows) > limit
+        counts = await app.store.counts()
+        where = pages.Where(state=state, saga_type=saga_type, limit=limit, default=PAGE_SIZE)
+        paging = pages.paging(where, offset=offset, shown=len(sagas), more=more,
+                              total=_total(counts, state, saga_type))  # fmt: skip
+        fragment = pages.list_fragment(counts, sagas, paging, by_type=saga_type is not None)
         nonce = secrets.token_urlsafe(16)
         if query.get("fragment"):
             return _html(fragment, nonce)
         types = sorted({*app.saga_types, *([saga_type] if saga_type else [])})
-        body = pages.list_page(fragment, types=types, state=state, saga_type=saga_type,
-                               nonce=nonce)  # fmt: skip
+        body = pages.list_page(fragment, types=types, where=where, nonce=nonce,
+                               csrf=_session_of(request).csrf)  # fmt: skip
         return _html(body, nonce)
 
     @api.get("/sagas/{saga_id}", include_in_schema=False)
@@ -229,33 +257,37 @@ def create_dashboard(api: FastAPI, app: App, token: str | None) -> None:
             graph = await graph_for(app, info.saga_type, version=info.version)
         except ConfigurationError:
             graph = ""
-        session = _session_of(request)
-        flash, session.flash = session.flash, None
+        flash_cookie = request.cookies.get(FLASH_COOKIE)
         body = pages.saga_page(
             info,
             rows=timeline(entries, active=info.state in ACTIVE),
             start=entries[0].at if entries else 0.0,
             steps=pages.flow(app.definition(info.saga_type, info.version), entries),
             mermaid=graph,
-            csrf=session.csrf,
-            flash=flash,
+            csrf=_session_of(request).csrf,
+            flash=cookies.read_flash(flash_cookie, saga_id),
             nonce=nonce,
         )
-        return _html(body, nonce)
+        response = _html(body, nonce)
+        if flash_cookie is not None:  # shown once
+            _clear_cookie(response, request, FLASH_COOKIE)
+        return response
 
     @api.post("/sagas/{saga_id}/{action}", include_in_schema=False)
     async def act(request: Request, saga_id: str, action: str) -> Response:
-        session = _session_of(request)
         form = await _form(request)
-        if action not in _ACTIONS or not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+        if action not in _ACTIONS or not _csrf_ok(form, _session_of(request)):
             return _refused("missing or wrong CSRF token")
         try:
-            session.flash = (await _act(app, saga_id, action, form), True)
+            text, ok = await _act(app, saga_id, action, form), True
         except SagakitError as exc:
-            session.flash = (f"{action} failed: {exc}", False)
-        return RedirectResponse(pages.saga_url(saga_id), status_code=303)
+            text, ok = f"{action} failed: {exc}", False
+        response = RedirectResponse(pages.saga_url(saga_id), status_code=303)
+        flash = cookies.flash(saga_id, text, ok)
+        _set_cookie(response, request, FLASH_COOKIE, flash, FLASH_SECONDS)
+        return response
 
-    api.add_middleware(DashboardAuth, sessions=sessions)
+    api.add_middleware(DashboardAuth, cookies=cookies, loopback_only=token is None)
 
 
 async def _act(app: App, saga_id: str, action: str, form: dict[str, str]) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from sagakit.definition import Parallel, Saga, Step
 from sagakit.handle import SagaInfo
@@ -34,7 +35,8 @@ th{background:#eceff1}.counts span{display:inline-block;margin:0 12px 8px 0}
 .compensated{background:#fff4e5;border-color:#b26a00}.running,.retrying,.compensating{
 background:#e3f2fd;border-color:#1565c0}.compensation-failed{background:#c62828;color:#fff}
 .state-needs_attention{color:#c62828;font-weight:bold}.state-completed{color:#1e7e34}
-.state-failed,.state-cancelled{color:#b26a00}pre{background:#fff;border:1px solid #ddd;
+.state-failed,.state-cancelled{color:#b26a00}.paging{margin:8px 0}.paging a{margin-left:12px}
+header form{float:right;margin:0}pre{background:#fff;border:1px solid #ddd;
 padding:6px;overflow:auto;max-height:240px}form.action{display:inline-block;margin:0 12px 8px 0;
 border:1px solid #ddd;padding:6px;background:#fff}
 """
@@ -62,12 +64,20 @@ def saga_url(saga_id: str, action: str = "") -> str:
     return f"/sagas/{quote(saga_id, safe='')}" + (f"/{action}" if action else "")
 
 
-def page(title: str, body: str, *, nonce: str, script: str = "") -> str:
+def page(title: str, body: str, *, nonce: str, script: str = "", csrf: str | None = None) -> str:
+    """A whole page; with the session's ``csrf`` token its header has a log-out button."""
     tag = f'<script nonce="{esc(nonce)}">{script}</script>' if script else ""
+    logout = (
+        ""
+        if csrf is None
+        else '<form method=post action="/logout" id="logout">'
+        f'<input type=hidden name=csrf value="{esc(csrf)}"><button type=submit>log out</button>'
+        "</form>"
+    )
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)} · sagakit</title><style>{_STYLE}</style></head><body>"
-        '<header><a href="/">sagakit</a> · '
+        f'<header>{logout}<a href="/">sagakit</a> · '
         f"{esc(title)}</header><main>{body}</main>{tag}</body></html>"
     )
 
@@ -84,19 +94,66 @@ def login_page(*, nonce: str, failed: bool) -> str:
 
 # -- the saga list ------------------------------------------------------------------------------
 
-# Re-fetches the list every 2 s and swaps it in; plain fetch, no framework.
+# Re-fetches the list every 2 s and swaps it in; plain fetch, no framework. The page's own URL
+# carries its filters and offset, so the refresh shows the same page.
 LIVE_SCRIPT = """
 setInterval(async () => {
   const url = new URL(location.href); url.searchParams.set("fragment", "1");
   try {
-    const r = await fetch(url, {credentials: "same-origin"});
+    const r = await fetch(url, {credentials: "same-origin", redirect: "manual"});
     if (r.ok) document.getElementById("live").innerHTML = await r.text();
+    else if (r.type === "opaqueredirect") location.reload();  // the session ended: log in
   } catch (e) {}
 }, 2000);
 """
 
 
-def list_fragment(counts: dict[str, int], sagas: Sequence[SagaInfo]) -> str:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Where:
+    """The list's filters and page size, which every link between its pages keeps."""
+
+    state: str | None
+    saga_type: str | None
+    limit: int
+    default: int  # the page size a link leaves out
+
+    def url(self, offset: int) -> str:
+        """The list page at ``offset`` under these filters."""
+        query = {"state": self.state or "", "type": self.saga_type or ""}
+        if self.limit != self.default:
+            query["limit"] = str(self.limit)
+        if offset > 0:
+            query["offset"] = str(offset)
+        kept = urlencode({k: v for k, v in query.items() if v})
+        return f"/?{kept}" if kept else "/"
+
+
+def paging(where: Where, *, offset: int, shown: int, more: bool, total: int | None) -> str:
+    """The list's position ("showing 51-100 of 230") and links to the newer and older pages.
+
+    ``total`` is None when it is unknown (a type filter): it is then exact only on the last
+    page, and a lower bound before it."""
+    last = offset + shown
+    if shown == 0 and offset > 0:
+        text = f"nothing from saga {offset + 1} on"
+    elif total is None and more:
+        text = f"showing {offset + 1}-{last} of more than {last}"
+    else:
+        count = last if total is None else max(total, last)
+        text = f"showing {offset + 1}-{last} of {count}" if shown else f"showing 0 of {count}"
+    links = ""
+    if offset > 0:
+        links += f'<a id="newer" href="{esc(where.url(max(offset - where.limit, 0)))}">← newer</a>'
+    if more:
+        links += f'<a id="older" href="{esc(where.url(offset + where.limit))}">older →</a>'
+    return f'<div class="paging"><span id="showing">{esc(text)}</span>{links}</div>'
+
+
+def list_fragment(
+    counts: dict[str, int], sagas: Sequence[SagaInfo], paging: str, *, by_type: bool
+) -> str:
+    """The live part of the list page: counts by state (of every type), the page's rows and the
+    paging links."""
     shown = " ".join(
         f'<span class="state-{esc(s.value)}">{esc(s.value)}: '
         f'<b data-state="{esc(s.value)}">{counts.get(s.value, 0)}</b></span>'
@@ -111,31 +168,36 @@ def list_fragment(counts: dict[str, int], sagas: Sequence[SagaInfo]) -> str:
         for i in sagas
     )
     empty = "" if sagas else '<tr><td colspan="6">No saga matches.</td></tr>'
+    scope = "all types, by state: " if by_type else ""
     return (
-        f'<div class="counts">{shown}</div><table id="sagas"><thead><tr><th>id</th><th>type</th>'
-        "<th>state</th><th>current step</th><th>created</th><th>updated</th></tr></thead>"
-        f"<tbody>{rows}{empty}</tbody></table>"
+        f'<div class="counts">{scope}{shown}</div>{paging}<table id="sagas"><thead><tr>'
+        "<th>id</th><th>type</th><th>state</th><th>current step</th><th>created</th>"
+        f"<th>updated</th></tr></thead><tbody>{rows}{empty}</tbody></table>"
     )
 
 
-def list_page(
-    fragment: str, *, types: Iterable[str], state: str | None, saga_type: str | None, nonce: str
-) -> str:
+def list_page(fragment: str, *, types: Iterable[str], where: Where, nonce: str, csrf: str) -> str:
     def options(values: Iterable[str], chosen: str | None) -> str:
         return "<option value=''>any</option>" + "".join(
             f'<option value="{esc(v)}"{" selected" if v == chosen else ""}>{esc(v)}</option>'
             for v in values
         )
 
+    # Filtering starts again at the newest saga, with the same page size.
+    size = (
+        f'<input type=hidden name=limit value="{where.limit}">'
+        if where.limit != where.default
+        else ""
+    )
     filters = (
         '<form method=get action="/" id="filters">'
-        f"<label>state <select name=state>{options((s.value for s in SagaState), state)}"
+        f"<label>state <select name=state>{options((s.value for s in SagaState), where.state)}"
         "</select></label> "
-        f"<label>type <select name=type>{options(types, saga_type)}</select></label> "
-        "<button type=submit>Filter</button></form>"
+        f"<label>type <select name=type>{options(types, where.saga_type)}</select></label> "
+        f"{size}<button type=submit>Filter</button></form>"
     )
     body = f'{filters}<div id="live">{fragment}</div>'
-    return page("sagas", body, nonce=nonce, script=LIVE_SCRIPT)
+    return page("sagas", body, nonce=nonce, script=LIVE_SCRIPT, csrf=csrf)
 
 
 # -- one saga -----------------------------------------------------------------------------------
@@ -276,4 +338,4 @@ def saga_page(
         f"{note}<h2>Actions</h2>{actions(info, csrf)}<h2>Summary</h2>{summary}"
         f"<h2>Steps</h2>{steps}{graph}<h2>Timeline</h2>{timeline_table(rows, start)}"
     )
-    return page(f"saga {info.id}", body, nonce=nonce)
+    return page(f"saga {info.id}", body, nonce=nonce, csrf=csrf)
