@@ -179,6 +179,27 @@ async def test_the_signal_form_resumes_a_waiting_saga(app: App, browser: httpx.A
     assert "<b>ann</b>" not in shown
 
 
+async def test_a_double_submitted_signal_form_is_stored_once(
+    app: App, browser: httpx.AsyncClient
+) -> None:
+    handle = await app.start("Approval", {"sku": "PEN"})
+    assert (await until_waiting(app, handle.id)).waiting
+    page = (await browser.get(f"/sagas/{handle.id}")).text
+    signal_id = re.search(r'name=signal_id value="([0-9a-f]{32})"', page)
+    assert signal_id is not None
+    form = {"csrf": csrf_of(page), "signal_id": signal_id[1], "name": "memo", "payload": "1"}
+    first = await browser.post(f"/sagas/{handle.id}/signal", data=form)
+    assert "Signal &#x27;memo&#x27; sent." in (await browser.get(first.headers["location"])).text
+    second = await browser.post(f"/sagas/{handle.id}/signal", data=form)  # e.g. a double click
+    assert (
+        "Signal &#x27;memo&#x27; was already sent."
+        in (await browser.get(second.headers["location"])).text
+    )
+    assert [s.name for s in await app.store.signals(handle.id)] == ["memo"]
+    fresh = (await browser.get(f"/sagas/{handle.id}")).text
+    assert signal_id[1] not in fresh  # each rendered form has its own id
+
+
 async def test_the_cancel_form_compensates_a_waiting_saga(
     app: App, browser: httpx.AsyncClient
 ) -> None:

@@ -307,5 +307,5 @@ async def _act(app: App, saga_id: str, action: str, form: dict[str, str]) -> str
         payload = json.loads(form.get("payload") or "null")
     except ValueError as exc:
         raise ConfigurationError(f"the payload is not JSON: {exc}") from None
-    sent = await app.signal(saga_id, name, payload)
+    sent = await app.signal(saga_id, name, payload, signal_id=form.get("signal_id") or None)
     return f"Signal {name!r} sent." if sent else f"Signal {name!r} was already sent."

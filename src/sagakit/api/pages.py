@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -285,7 +286,9 @@ def actions(info: SagaInfo, csrf: str) -> str:
     if info.state in _ACTIVE:
         forms.append(_form(info, "cancel", "cancel", csrf, "<label>reason <input name=reason>"
                                                            "</label> "))  # fmt: skip
+        # A signal id per rendered form: a double submit is stored once.
         signal = (
+            f'<input type=hidden name=signal_id value="{uuid.uuid4().hex}">'
             "<label>signal <input name=name required></label> "
             "<label>payload (JSON) <input name=payload value=null></label> "
         )
