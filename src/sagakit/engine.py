@@ -154,11 +154,8 @@ class SagaRun:
         self.journal_completed = proj.completed
         self.compensated = proj.compensated
         self.compensation_attempts = proj.compensation_attempts
-        # seq -> (message id, deadline) of a remote compensation's current attempt
-        self.compensation_started = {
-            seq: d.get("message_id") for seq, d in proj.compensation_data.items()
-        }
-        self.compensation_ends = {seq: d.get("ends") for seq, d in proj.compensation_data.items()}
+        # seq -> the start entry's data of a remote compensation's current attempt
+        self.compensation_sent = proj.compensation_data
         self.compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
         self.cancel_reason: str | None = None
         if proj.cancel is not None:

@@ -1,8 +1,8 @@
-"""What the observability middleware needs from the proposed saga-level hook.
+"""What the observability middleware needs from the saga-level hook.
 
-The engine has no per-saga middleware hook yet. ``LogContext``, ``Tracing`` and ``Metrics``
-already implement ``saga(call, proceed)`` against this protocol, so that the hook, once the
-engine wraps each run of ``SagaRun.execute()`` in it, lights them up without a change here.
+The worker wraps each run of a saga in ``Middleware.saga`` (:class:`sagakit.middleware.SagaCall`);
+``LogContext``, ``Tracing`` and ``Metrics`` implement ``saga(call, proceed)`` against this
+protocol, which asks only for the fields they read.
 """
 
 from __future__ import annotations

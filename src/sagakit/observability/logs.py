@@ -1,6 +1,7 @@
 """Saga context on log records: ``saga_id``, ``saga_type``, ``step`` and ``attempt``.
 
-:class:`LogContext` (a middleware) sets them while a step or compensation runs;
+:class:`LogContext` (a middleware) sets them while a step or compensation runs (for a remote
+step: while its command is sent, and while the engine records the reply or timeout);
 :class:`SagaLogFilter` copies them onto every record that passes a handler, ``None`` outside
 a saga, so a format string may always name them::
 
@@ -22,7 +23,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from sagakit.middleware import Middleware, Proceed, StepCall
+from sagakit.middleware import Middleware, Proceed, RemoteDone, StepCall
 
 __all__ = ["LogContext", "SagaLogFields", "SagaLogFilter", "current"]
 
@@ -56,11 +57,16 @@ class LogContext(Middleware):
     """
 
     async def step(self, call: StepCall, proceed: Proceed) -> Any:
-        token = _current.set(
-            SagaLogFields(
-                saga_id=call.saga_id, saga_type=call.saga_type, step=call.step, attempt=call.attempt
-            )
-        )
+        token = _current.set(_fields(call))
+        try:
+            return await proceed()
+        finally:
+            _current.reset(token)
+
+    async def remote_done(self, done: RemoteDone, proceed: Proceed) -> Any:
+        """The fields of a remote attempt while the engine records its outcome (its retry or
+        failure is logged then)."""
+        token = _current.set(_fields(done.call))
         try:
             return await proceed()
         finally:
@@ -74,6 +80,12 @@ class LogContext(Middleware):
             return await proceed()
         finally:
             _current.reset(token)
+
+
+def _fields(call: StepCall) -> SagaLogFields:
+    return SagaLogFields(
+        saga_id=call.saga_id, saga_type=call.saga_type, step=call.step, attempt=call.attempt
+    )
 
 
 class SagaLogFilter(logging.Filter):

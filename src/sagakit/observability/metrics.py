@@ -1,6 +1,8 @@
 """Prometheus metrics: a middleware for step calls, a collector for what the store knows.
 
-Step calls are counted as they happen (in this process). Saga counts by state,
+Step calls are counted as they happen (in this process); a remote step's attempt is counted by
+the process that learns its outcome, once (see :mod:`sagakit.middleware`), its latency the
+time from its command's send to its reply. Saga counts by state,
 ``needs_attention`` and outbox lag are the *database's* view, shared by every worker; reading
 them is async, and Prometheus collects synchronously, so :meth:`Metrics.refresh` reads them
 into a snapshot that scrapes then report. Refresh before serving a scrape, or keep a task on
@@ -29,7 +31,7 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sagakit.middleware import Middleware, Proceed, StepCall
+from sagakit.middleware import Middleware, Proceed, RemoteDone, StepCall
 from sagakit.observability.hooks import SagaRunCall, step_label
 
 __all__ = ["Metrics", "StoreSnapshot", "StoreStats", "exposition"]
@@ -127,7 +129,8 @@ class Metrics(Middleware):
         r = self.registry
         self.step_seconds = Histogram(
             "sagakit_step_duration_seconds",
-            "Duration of step action calls, by outcome (completed, failed, cancelled).",
+            "Duration of step action calls (of a remote step: from its command's send to its "
+            "reply), by outcome (completed, failed, cancelled; timed_out for a remote step).",
             ["saga_type", "step", "outcome"],
             registry=r,
             buckets=buckets,
@@ -140,7 +143,8 @@ class Metrics(Middleware):
         )
         self.compensations = Counter(
             "sagakit_compensations",
-            "Compensation calls, by outcome (completed, failed, cancelled).",
+            "Compensation calls, by outcome (completed, failed, cancelled; timed_out for a "
+            "remote compensation).",
             ["saga_type", "step", "outcome"],
             registry=r,
         )
@@ -163,6 +167,8 @@ class Metrics(Middleware):
         name = step_label(call.step)
         if not call.compensation and call.attempt > 1:
             self.retries.labels(call.saga_type, name).inc()
+        if call.remote:  # the send of a command: its outcome comes to remote_done
+            return await proceed()
         started = time.perf_counter()
         outcome = "failed"
         try:
@@ -180,6 +186,19 @@ class Metrics(Middleware):
             else:
                 elapsed = time.perf_counter() - started
                 self.step_seconds.labels(call.saga_type, name, outcome).observe(elapsed)
+
+    async def remote_done(self, done: RemoteDone, proceed: Proceed) -> Any:
+        """A remote attempt's outcome, counted once it is journaled: its send-to-reply time
+        in the step latency histogram, or a compensation."""
+        result = await proceed()
+        call = done.call
+        name = step_label(call.step)
+        if call.compensation:
+            self.compensations.labels(call.saga_type, name, done.outcome).inc()
+        else:
+            elapsed = max(0.0, done.done_at - done.sent_at)
+            self.step_seconds.labels(call.saga_type, name, done.outcome).observe(elapsed)
+        return result
 
     async def saga(self, call: SagaRunCall, proceed: Proceed) -> Any:
         """The saga-level hook: sagas executing now, and the final state each run reached."""

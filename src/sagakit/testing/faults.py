@@ -1,9 +1,10 @@
 """The faults explore injects, and what it watches while one failure point runs.
 
 An error is raised in place of a step's action or compensation by :class:`Injector`, the
-innermost middleware. A remote step's command does not pass through middleware: its faults
+innermost middleware. A remote step's send passes through the middleware too, but its faults
 (a failed reply, a lost command or reply, a second delivery) are applied where explore plays
-the broker (:mod:`sagakit.testing.services`). A crash happens at a journal write:
+the broker (:mod:`sagakit.testing.services`), which also records its calls: the injector lets
+the send through untouched. A crash happens at a journal write:
 :class:`FaultyStore` wraps the store, holds ``append_soon`` entries back until the next durable
 write (so that a crash loses them, as it would lose a real process's queue) and, at the chosen
 write, drops what is queued and raises :class:`SimulatedCrash` through the run. All share a
@@ -213,6 +214,8 @@ class Injector(Middleware):
         probe = self.probe
         if not probe.alive():
             raise SimulatedCrash(f"{probe.point}: a call from a crashed run")
+        if call.remote:  # faulted and recorded where explore delivers the command
+            return await proceed()
         hit = [f for f in probe.faults if f.hits(call)]
         probe.struck += hit
         injected = bool(hit)
