@@ -51,7 +51,7 @@ from sagakit.errors import (
 )
 from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import Entry, Kind, SagaState
-from sagakit.middleware import Middleware, StepCall
+from sagakit.middleware import Middleware, RemoteDone, SagaCall, StepCall
 from sagakit.remote import Remote, RemoteStepFailed, remote
 from sagakit.service import HandlerContext, Service
 from sagakit.sync import SyncApp
@@ -87,9 +87,11 @@ __all__ = [
     "PayloadError",
     "RecoveryLimitExceeded",
     "Remote",
+    "RemoteDone",
     "RemoteStepFailed",
     "RetryPolicy",
     "Saga",
+    "SagaCall",
     "SagaCancelled",
     "SagaDeadlineExceeded",
     "SagaFailed",

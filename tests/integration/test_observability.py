@@ -249,7 +249,7 @@ async def test_the_global_tracer_provider_is_left_alone(
 async def test_saga_hook_span_is_the_parent_of_its_steps(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    """The saga-level hook the engine does not call yet, driven by hand."""
+    """The saga-level hook (which the worker calls around each run) driven by hand."""
     tracing = Tracing(tracer_provider=spans[0])
     call = StepCall(saga_id="s-1", saga_type="Order", step="reserve#2", attempt=1,
                     compensation=False, data=None)  # fmt: skip
