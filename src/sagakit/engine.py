@@ -156,6 +156,7 @@ class SagaRun:
         self.compensation_attempts = proj.compensation_attempts
         # seq -> the start entry's data of a remote compensation's current attempt
         self.compensation_sent = proj.compensation_data
+        self.operator_retries = proj.operator_retries
         self.compensating = any(e.kind is Kind.SAGA_COMPENSATING for e in journal)
         self.cancel_reason: str | None = None
         if proj.cancel is not None:

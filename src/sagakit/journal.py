@@ -138,6 +138,7 @@ class Projection:
     waits: dict[int, Entry] = field(default_factory=dict)  # seq -> timer/signal wait entry
     signal_ids: set[str] = field(default_factory=set)  # signals already delivered
     cancel: Entry | None = None  # the cancel request, once the saga took it
+    operator_retries: int = 0  # compensation attempts are numbered afresh after each
 
     def owed(self) -> list[CompletedStep]:
         """Completed steps not yet compensated, in the order they must be compensated."""
@@ -226,6 +227,7 @@ def apply(p: Projection, e: Entry) -> None:
     kind = e.kind
     state = state_after(e)
     if kind is Kind.OPERATOR_RETRY:
+        p.operator_retries += 1
         p.compensation_attempts.clear()
         p.compensation_data.clear()
     if state is not None:

@@ -73,11 +73,16 @@ class RemoteStepFailed(SagakitError):
         super().__init__(f"{command} failed in its service: {error_type}: {message}")
 
 
-def command_id(saga_id: str, step: str, attempt: int, *, compensation: bool = False) -> str:
+def command_id(
+    saga_id: str, step: str, attempt: int, *, compensation: bool = False, retry_round: int = 0
+) -> str:
     """The message id of a command: the same for every send of one attempt (a re-run after a
-    crash, a relay retry), so the service's inbox runs it once."""
+    crash, a relay retry), so the service's inbox runs it once. ``retry_round`` counts the
+    operator retries before the attempt: compensation attempts are numbered from 1 again
+    after each, and each must still be a new command to the service."""
     what = "compensate" if compensation else "do"
-    return str(uuid.uuid5(_NAMESPACE, f"{saga_id}/{step}/{what}/{attempt}"))
+    again = f"/r{retry_round}" if retry_round else ""
+    return str(uuid.uuid5(_NAMESPACE, f"{saga_id}/{step}/{what}/{attempt}{again}"))
 
 
 def reply(command: Envelope, *, ok: bool, payload: Any) -> Envelope:

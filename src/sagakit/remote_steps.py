@@ -48,7 +48,7 @@ def _command(run: SagaRun, command: Remote, done: Done, call: StepCall, now: flo
         data,
         **command_fields(),  # the context the middleware made the send in goes on in the service
         correlation_id=run.saga_id,
-        message_id=command_id(run.saga_id, done.name, call.attempt, compensation=compensation),
+        message_id=_command_id(run, done, call.attempt, compensation=compensation),
         reply_to=run.reply_topic,
         timestamp=now,
         headers={
@@ -113,10 +113,19 @@ async def _reply(run: SagaRun, message_id: str) -> tuple[str, str | None, float]
     return None
 
 
+def _command_id(run: SagaRun, done: Done, attempt: int, *, compensation: bool) -> str:
+    """The attempt's command id. Compensation attempts count from 1 again after an operator
+    retry, so their ids include how many retries came before; a step's attempts go on
+    counting, so its ids need not."""
+    again = run.operator_retries if compensation else 0
+    return command_id(run.saga_id, done.name, attempt, compensation=compensation,
+                      retry_round=again)  # fmt: skip
+
+
 async def _ignore_late(run: SagaRun, done: Done, attempt: int, *, compensation: bool) -> None:
     """Journal (once) the replies to this step's earlier attempts, which timed out."""
     for earlier in range(1, attempt):
-        mid = command_id(run.saga_id, done.name, earlier, compensation=compensation)
+        mid = _command_id(run, done, earlier, compensation=compensation)
         if mid in run.signal_ids:
             continue
         if await _reply(run, mid) is not None:
@@ -139,7 +148,7 @@ async def _attempt(
     return what its start journaled, its outcome and a completed one's result payload; or
     unload the saga until the outcome comes."""
     undo, attempt = call.compensation, call.attempt
-    mid = command_id(run.saga_id, done.name, attempt, compensation=undo)
+    mid = _command_id(run, done, attempt, compensation=undo)
     if sent is None or sent.get("message_id") != mid:
         if not undo:
             run.check_deadline(done.name)

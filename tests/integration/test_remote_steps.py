@@ -240,6 +240,47 @@ async def test_duplicate_replies_are_harmless(db_url: str, broker_url: str, chec
         assert c.info.output["charge"] == {"payment": "P-4"}
 
 
+FRAGILE_UNDO = Saga(
+    "FragileUndo",
+    steps=[
+        step("reserve", remote("Inventory.Reserve"), timeout=5,
+             compensate=remote("Inventory.Release"),
+             compensate_retry=RetryPolicy(max_attempts=2, initial_interval=0.01)),
+        step("charge", remote("Payments.Charge"), timeout=5),
+    ],
+)  # fmt: skip
+
+
+async def test_an_operator_retry_resends_a_remote_compensation(
+    db_url: str, broker_url: str
+) -> None:
+    """After a remote compensation failed for good and the saga needs attention, a retry
+    sends the compensation again with new command ids: the fixed service runs it (a reused id
+    would be a duplicate to its inbox, and the old failed reply would be read again)."""
+    broken = True
+
+    def behaviour(command: str, data: Any) -> Any:
+        if command == "Inventory.Release" and broken:
+            raise RuntimeError("inventory database is read-only")
+        return happy(command, data)
+
+    async with running(db_url, broker_url, behaviour, FRAGILE_UNDO) as (app, service):
+        handle = await app.start("FragileUndo", {"order": 7, "decline": True})
+        parked = await asyncio.wait_for(app.wait(handle.id), 20)
+        assert parked.state is SagaState.NEEDS_ATTENTION
+        assert service.handled["Inventory.Release"] == 2
+
+        broken = False
+        await app.retry(handle.id)
+        done = await asyncio.wait_for(app.wait(handle.id), 20)
+        assert done.state is SagaState.FAILED  # compensated: the charge was declined
+        assert service.handled["Inventory.Release"] == 3  # the retry ran the fixed handler
+        releases = [e for e in service.seen if e.type == "Inventory.Release"]
+        assert len({e.message_id for e in releases}) == 3  # every attempt its own command
+        journal = await app.journal(handle.id)
+        assert [e.step for e in journal if e.kind is Kind.COMPENSATION_COMPLETED] == ["reserve"]
+
+
 async def test_code_first_call_with_retry(db_url: str, broker_url: str) -> None:
     attempts: Counter[str] = Counter()
 
