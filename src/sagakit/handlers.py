@@ -20,7 +20,7 @@ from sagakit.calls import is_async
 from sagakit.codec import convert
 from sagakit.inbox import InboxTx
 from sagakit.messaging import Envelope
-from sagakit.observability.messages import handler_span
+from sagakit.observability.messages import Failed, handler_span
 from sagakit.remote import reply
 
 log = logging.getLogger("sagakit.service")
@@ -112,8 +112,8 @@ async def handle(
         message = f"service {service} has no handler for {command.type!r}"
         return reply(command, ok=False, payload={"type": "UnknownCommand", "message": message})
     ctx = context(service, command, attempt, tx.db)
-    with handler_span(command, service, tracer_provider):
-        return await _run(tx, command, handler, ctx, data=data, executor=executor)
+    with handler_span(command, service, tracer_provider) as failed:
+        return await _run(tx, command, handler, ctx, data=data, executor=executor, failed=failed)
 
 
 async def _run(
@@ -124,6 +124,7 @@ async def _run(
     *,
     data: Any,
     executor: Executor | None,
+    failed: Failed,
 ) -> Envelope:
     try:
         async with tx.savepoint():
@@ -134,6 +135,7 @@ async def _run(
     except Exception as exc:
         log.info("%s of saga %s failed: %s: %s", command.type, command.correlation_id,
                  type(exc).__name__, exc, extra=tags(command))  # fmt: skip
+        failed(exc)
         error = {"type": type(exc).__name__, "message": str(exc)}
         return reply(command, ok=False, payload=error)
     log.info("%s of saga %s completed", command.type, command.correlation_id, extra=tags(command))

@@ -623,6 +623,11 @@ async def test_a_failed_remote_step_is_retried_then_compensated_remotely(
         assert (s.attributes or {})["saga.outcome"] == "failed"
         (event,) = s.events
         assert event.name == "exception"
+        handled = tree.handler_of(s)  # the service's span of the attempt failed too
+        assert handled.status.status_code is StatusCode.ERROR
+        assert handled.status.description == "ValueError: card declined"
+        assert [e.name for e in handled.events] == ["exception"]
+    assert tree.handler_of(release).status.status_code is StatusCode.UNSET
     # the retry is sent after the failed reply came
     assert (charge2.start_time or 0) >= (charge1.end_time or 0) - 1_000_000
 

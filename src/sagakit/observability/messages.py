@@ -8,7 +8,7 @@ A remote step's command carries the W3C trace context of the saga run that sends
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sagakit.messaging.envelope import Envelope
@@ -24,16 +24,25 @@ def command_fields() -> dict[str, str | None]:
     return {k: v for k, v in trace_fields().items() if v}
 
 
+Failed = Callable[[BaseException], None]
+
+
+def _unobserved(exc: BaseException) -> None:
+    return None
+
+
 @contextlib.contextmanager
-def handler_span(command: Envelope, service: str, tracer_provider: Any = None) -> Iterator[None]:
+def handler_span(command: Envelope, service: str, tracer_provider: Any = None) -> Iterator[Failed]:
     """A CONSUMER span ``handle <command type>`` around a service's handler, child of the
-    trace context the command carries; nothing without OpenTelemetry."""
+    trace context the command carries; nothing without OpenTelemetry. Yields a function to
+    call with the handler's exception when it failed (the failure becomes a reply, not an
+    exception through the span): it marks the span as an error and records the exception."""
     try:
         from opentelemetry import trace
 
         from sagakit.observability.tracing import extract
     except ImportError:
-        yield
+        yield _unobserved
         return
     tracer = trace.get_tracer("sagakit.service", tracer_provider=tracer_provider)
     attributes: dict[str, str | int] = {
@@ -48,5 +57,10 @@ def handler_span(command: Envelope, service: str, tracer_provider: Any = None) -
         context=extract(command),
         kind=trace.SpanKind.CONSUMER,
         attributes=attributes,
-    ):
-        yield
+    ) as span:
+
+        def failed(exc: BaseException) -> None:
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+        yield failed
