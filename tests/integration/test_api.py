@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -369,3 +370,196 @@ async def test_metrics_are_scraped_after_a_run(tmp_path: Any) -> None:
     labels = 'outcome="completed",saga_type="Metered",step="reserve"'
     assert f"sagakit_step_duration_seconds_count{{{labels}}} 1.0" in text
     assert 'sagakit_sagas{state="completed"} 1.0' in text
+
+
+# -- found by the fuzz (test_api_fuzz.py) and around it ----------------------------------------
+# Each input below got a 5xx, or was written and then answered with an error, or got an answer
+# the OpenAPI document does not describe. Each now gets a 422 before anything is written.
+
+
+@contextlib.asynccontextmanager
+async def serving(url: str) -> AsyncIterator[tuple[App, httpx.AsyncClient]]:
+    """The API over an App on ``url`` (SQLite or PostgreSQL), with the test sagas registered."""
+    app = App(url, poll_interval=0.02)
+    register(app)
+    transport = httpx.ASGITransport(app=create_api(app, token=TOKEN))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            yield app, c
+    finally:
+        await app.close()
+
+
+async def stored(app: App) -> tuple[int, int, int]:
+    """Sagas, journal entries and signals in the store."""
+    sagas = await app.list(limit=500)
+    journals = [len(await app.journal(s.id)) for s in sagas]
+    signals = [len(await app.store.signals(s.id)) for s in sagas]
+    return len(sagas), sum(journals), sum(signals)
+
+
+def refused(r: httpx.Response) -> str:
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"error", "detail"}
+    return r.json()["detail"]  # type: ignore[no-any-return]
+
+
+async def test_the_document_describes_the_errors_and_the_repeated_start(
+    client: httpx.AsyncClient,
+) -> None:
+    """FastAPI documented every 422 as a list of pydantic errors, and a start with a used
+    idempotency key (200) not at all; the answers are an ErrorOut and a StartOut."""
+    doc = (await client.get("/openapi.json", headers=AUTH)).json()
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    documented_422 = 0
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            if "422" in operation["responses"]:
+                content = operation["responses"]["422"]["content"]
+                assert content["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+                documented_422 += 1
+    assert documented_422 >= 10
+    start = doc["paths"]["/api/sagas"]["post"]["responses"]
+    for code in ("200", "201"):
+        assert start[code]["content"]["application/json"]["schema"]["$ref"].endswith("/StartOut")
+
+
+@pytest.mark.parametrize("deadline", [2.6e11, 1e300])
+async def test_a_deadline_no_date_can_hold_is_422(
+    app: App, client: httpx.AsyncClient, deadline: float
+) -> None:
+    """It was stored, then the answer (and every later list) failed: year 10000."""
+    body = {"type": "Order", "deadline": deadline}
+    r = await client.post("/api/sagas", json=body, headers=AUTH)
+    assert "less than or equal to" in refused(r)
+    assert await app.list() == []
+    century = await client.post("/api/sagas", json={**body, "deadline": 3.1e9}, headers=AUTH)
+    assert century.status_code == 201, century.text
+    assert datetime.fromisoformat(century.json()["deadline"]).year > 2100
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type": "\xff"}',  # not UTF-8
+        b'{"type": "Order", "data": ' + b"9" * 5000 + b"}",  # an int Python will not parse
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than json.loads goes
+    ],
+)
+async def test_a_body_that_json_cannot_read_is_422_not_400(
+    app: App, client: httpx.AsyncClient, body: bytes
+) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = await client.post("/api/sagas", content=body, headers=headers)
+    assert refused(r).startswith("the body is not JSON that can be read")
+    assert r.json()["error"] == "InvalidRequest"
+    assert await app.list() == []
+
+
+async def test_an_offset_past_64_bits_is_422(any_url: str) -> None:
+    """SQLite raised OverflowError and PostgreSQL a DataError for an offset of 2**63."""
+    async with serving(any_url) as (_, client):
+        r = await client.get("/api/sagas", params={"offset": 2**63}, headers=AUTH)
+        assert "offset" in refused(r)
+        far = await client.get("/api/sagas", params={"offset": 10**18}, headers=AUTH)
+        assert far.status_code == 200, far.text
+        assert far.json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("since", "everything"),
+    [
+        ("0001-01-01T00:00:00", True),  # naive: the server's zone has no rules for year 1
+        ("0001-01-01T00:00:00+00:01", True),  # converted to the server's zone: year 0
+        ("9999-12-31T23:59:59", False),
+        ("9999-12-31T23:59:59-23:59", False),
+    ],
+)
+async def test_created_since_at_the_ends_of_time(
+    app: App, client: httpx.AsyncClient, since: str, everything: bool
+) -> None:
+    r = await client.post("/api/sagas", json={"type": "Order", "data": {"sku": "B"}}, headers=AUTH)
+    listed = await client.get("/api/sagas", params={"created_since": since}, headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    expected = [r.json()["id"]] if everything else []
+    assert [s["id"] for s in listed.json()["items"]] == expected
+
+
+async def test_json_nested_deeper_than_a_response_can_carry_is_422(
+    app: App, client: httpx.AsyncClient
+) -> None:
+    """300 levels were stored, then no answer about the saga could be serialised."""
+    deep: Any = []
+    for _ in range(299):
+        deep = [deep]
+    r = await client.post("/api/sagas", json={"type": "Order", "data": deep}, headers=AUTH)
+    assert "nested more than 64 levels" in refused(r)
+    assert await app.list() == []
+    ok: Any = {"sku": "B"}
+    for _ in range(63):
+        ok = [ok]
+    started = await client.post("/api/sagas", json={"type": "Order", "data": ok}, headers=AUTH)
+    assert started.status_code == 201, started.text
+    got = await client.get(f"/api/sagas/{started.json()['id']}", headers=AUTH)
+    assert got.json()["input"] == ok
+
+
+async def _targets(app: App, client: httpx.AsyncClient) -> tuple[str, str]:
+    """A saga waiting for a signal and one that needs attention."""
+    waiting = (await client.post("/api/sagas", json={"type": "Approval"}, headers=AUTH)).json()
+    broken = (await client.post("/api/sagas", json={"type": "Broken", "data": {"sku": "X"}},
+                                headers=AUTH)).json()  # fmt: skip
+    await waiting_for_signal(app, waiting["id"])
+    assert await settled(app, broken["id"]) is SagaState.NEEDS_ATTENTION
+    return waiting["id"], broken["id"]
+
+
+# Raw bodies: a JSON "\ud800" escape is an unpaired surrogate, which no database stores.
+SURROGATE = "\\ud800"
+
+
+async def test_strings_that_are_not_unicode_are_422(any_url: str) -> None:
+    """A surrogate in data, payload, reason or note was a 500 on both databases."""
+    async with serving(any_url) as (app, client):
+        waiting, broken = await _targets(app, client)
+        before = await stored(app)
+        headers = {**AUTH, "Content-Type": "application/json"}
+        requests = [
+            ("/api/sagas", f'{{"type": "Order", "data": {{"sku": "{SURROGATE}"}}}}'),
+            ("/api/sagas", f'{{"type": "Order", "data": {{"{SURROGATE}": 1}}}}'),
+            ("/api/sagas", f'{{"type": "Order", "idempotency_key": "{SURROGATE}"}}'),
+            (f"/api/sagas/{waiting}/signals", f'{{"name": "go", "payload": "{SURROGATE}"}}'),
+            (f"/api/sagas/{waiting}/signals", f'{{"name": "go", "signal_id": "{SURROGATE}"}}'),
+            (f"/api/sagas/{waiting}/cancel", f'{{"reason": "{SURROGATE}"}}'),
+            (f"/api/sagas/{broken}/resolve", f'{{"note": "{SURROGATE}"}}'),
+        ]
+        for path, body in requests:
+            r = await client.post(path, content=body.encode(), headers=headers)
+            assert "Unicode" in refused(r) or "unicode" in refused(r), (path, body)
+        assert await stored(app) == before
+
+
+async def test_nul_characters_in_keys_and_names_are_422(any_url: str) -> None:
+    """PostgreSQL cannot store NUL in text: these were 500s there (and stored on SQLite)."""
+    async with serving(any_url) as (app, client):
+        waiting, _ = await _targets(app, client)
+        before = await stored(app)
+        posts = [
+            ("/api/sagas", {"type": "Order", "idempotency_key": "a\x00b"}),
+            (f"/api/sagas/{waiting}/signals", {"name": "go\x00"}),
+            (f"/api/sagas/{waiting}/signals", {"name": "go", "signal_id": "\x00"}),
+        ]
+        for path, body in posts:
+            assert "NUL" in refused(await client.post(path, json=body, headers=AUTH)), body
+        for query in ({"idempotency_key": "\x00"}, {"id": "\x00"}, {"type": "\x00"}):
+            r = await client.get("/api/sagas", params=query, headers=AUTH)
+            assert "NUL" in refused(r), query
+        for path in ("/api/sagas/%00", "/api/sagas/%00/timeline", "/api/sagas/%00/retry"):
+            r = await client.request("POST" if "retry" in path else "GET", path, headers=AUTH)
+            assert "NUL" in refused(r), path
+        assert await stored(app) == before
+        # In JSON values a NUL is written escaped, so it is stored and read back as sent.
+        body = {"type": "Order", "data": {"sku": "a\x00b"}}
+        started = await client.post("/api/sagas", json=body, headers=AUTH)
+        assert started.status_code == 201, started.text
+        assert (await app.get(started.json()["id"])).input == {"sku": "a\x00b"}

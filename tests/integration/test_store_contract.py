@@ -811,6 +811,30 @@ async def test_list_sagas_filters_and_pages_newest_first(stores: Stores) -> None
     assert await store.list_sagas(state=SagaState.CANCELLED) == []
 
 
+async def test_by_idempotency_key_finds_the_one_saga_started_with_it(stores: Stores) -> None:
+    store, other = await stores.open(), await stores.open()
+    order = await new_saga(store, key="k-1")
+    refund = await new_saga(store, saga_type="Refund", key="k-2")
+    unkeyed = await new_saga(store)
+    for s in (store, other):  # a second store on the same database sees the same rows
+        assert await s.by_idempotency_key("k-1") == order
+        assert await s.by_idempotency_key("k-2") == refund
+        assert await s.by_idempotency_key("k-3") is None
+        assert await s.by_idempotency_key(order.id) is None, "keys are not ids"
+        assert await s.by_idempotency_key("") is None
+        assert await s.by_idempotency_key("K-1") is None, "keys match exactly"
+    assert unkeyed.idempotency_key is None
+    # The current row, not the one the key was first stored with.
+    moved = await move_to(store, order.id, Kind.SAGA_COMPLETED, payload="1")
+    assert moved.state is SagaState.COMPLETED
+    assert await store.by_idempotency_key("k-1") == await store.get(order.id)
+    # A key is unique across saga types: a start of another type with it finds this saga.
+    again = make_record(saga_type="Refund", key="k-1")
+    stored, created = await store.create(again, first_entry(again))
+    assert (stored.id, created) == (order.id, False)
+    assert await store.by_idempotency_key("k-1") == await store.get(order.id)
+
+
 async def test_counts_per_state(stores: Stores) -> None:
     store = await stores.open()
     assert await store.counts() == {}

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from sagakit.api.errors import ApiError
-from sagakit.api.models import DefinitionOut, ErrorOut, GraphOut
+from sagakit.api.models import INVALID, DefinitionOut, ErrorOut, GraphOut
 from sagakit.app import App
 from sagakit.definition import Saga
 from sagakit.errors import ConfigurationError, UnknownSagaType
@@ -26,7 +26,7 @@ def definition_routes(app: App) -> APIRouter:
     @router.get(
         "/{saga_type}",
         response_model=DefinitionOut,
-        responses={404: {"model": ErrorOut, "description": "No such saga type."}},
+        responses={404: {"model": ErrorOut, "description": "No such saga type."}, **INVALID},
     )
     async def get_definition(saga_type: str) -> DefinitionOut:
         """One registered saga type, at its latest version."""
@@ -38,6 +38,7 @@ def definition_routes(app: App) -> APIRouter:
         responses={
             404: {"model": ErrorOut, "description": "No such saga type or version."},
             409: {"model": ErrorOut, "description": "A code-first type with no run yet."},
+            **INVALID,
         },
     )
     async def definition_graph(

@@ -61,6 +61,12 @@ def install_error_handlers(api: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ValueError | RecursionError):
+            # FastAPI's answer to a body that json.loads refused other than as a syntax error
+            # (invalid UTF-8, an integer of over 4300 digits, nesting too deep for Python).
+            detail = f"the body is not JSON that can be read: {cause}; nothing was written"
+            return error_response(422, "InvalidRequest", detail)
         return error_response(exc.status_code, "HTTPError", str(exc.detail))
 
     api.add_exception_handler(SagakitError, sagakit_error)

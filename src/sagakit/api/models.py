@@ -3,14 +3,60 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sagakit.definition import Parallel, Saga
 from sagakit.handle import SagaInfo
 from sagakit.journal import Entry, SagaState
 from sagakit.timeline import TimelineRow
+
+# A century. Beyond any business process, and well short of the year 9999, past which a
+# deadline was stored but could not be read back as a date.
+MAX_DEADLINE = 100 * 365 * 86_400.0
+# JSON nested deeper than this could be stored but not sent back (pydantic stops at ~250).
+MAX_DEPTH = 64
+
+
+def _unicode(value: str) -> bool:
+    # A JSON "\ud800" escape decodes to an unpaired surrogate, which is not Unicode: no
+    # database stores it and no response can carry it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def storable_text(value: str) -> str:
+    """``value`` if a database can store it as text, else a ValueError saying why."""
+    if "\x00" in value:  # PostgreSQL cannot store it
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    if not _unicode(value):
+        raise ValueError("must be valid Unicode, without unpaired surrogates (\\ud800-\\udfff)")
+    return value
+
+
+def storable_json(value: Any) -> Any:
+    """``value`` if its strings are valid Unicode and it nests at most MAX_DEPTH levels."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _unicode(item):
+                raise ValueError("has a string that is not valid Unicode (an unpaired surrogate)")
+        elif isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"is nested more than {MAX_DEPTH} levels deep")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+# What the routes take as text and as JSON values, checked before anything is written.
+Text = Annotated[str, AfterValidator(storable_text)]
+Json = Annotated[Any, AfterValidator(storable_json)]
 
 
 class _Strict(BaseModel):
@@ -19,30 +65,33 @@ class _Strict(BaseModel):
 
 
 class StartRequest(_Strict):
-    type: str = Field(min_length=1, description="The saga type, as registered in the App.")
-    data: Any = Field(default=None, description="The saga's input (JSON).")
-    idempotency_key: str | None = Field(
+    type: Text = Field(min_length=1, description="The saga type, as registered in the App.")
+    data: Json = Field(default=None, description="The saga's input (JSON).")
+    idempotency_key: Text | None = Field(
         default=None, min_length=1, description="A second start with this key starts nothing."
     )
     deadline: float | None = Field(
-        default=None, gt=0, description="Seconds from now; overrides the definition's."
+        default=None,
+        gt=0,
+        le=MAX_DEADLINE,
+        description="Seconds from now; overrides the definition's.",
     )
 
 
 class SignalRequest(_Strict):
-    name: str = Field(min_length=1, description="The signal the saga waits for.")
-    payload: Any = None
-    signal_id: str | None = Field(
+    name: Text = Field(min_length=1, description="The signal the saga waits for.")
+    payload: Json = None
+    signal_id: Text | None = Field(
         default=None, min_length=1, description="A repeat of this id is a no-op."
     )
 
 
 class CancelRequest(_Strict):
-    reason: str = Field(default="", description="Why; recorded in the saga's journal.")
+    reason: Text = Field(default="", description="Why; recorded in the saga's journal.")
 
 
 class ResolveRequest(_Strict):
-    note: str = Field(
+    note: Text = Field(
         min_length=1, pattern=r"\S", description="What was done by hand; recorded in the journal."
     )
 
@@ -50,6 +99,13 @@ class ResolveRequest(_Strict):
 class ErrorOut(BaseModel):
     error: str = Field(description="The kind of error, e.g. SagaNotFound.")
     detail: str = Field(description="What went wrong and what to do next.")
+
+
+# Declared on every route that takes input, in place of FastAPI's default 422 document
+# (a list of pydantic errors): the error handlers answer every 422 as an ErrorOut.
+INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorOut, "description": "The request is invalid; nothing was written."}
+}
 
 
 class SagaOut(BaseModel):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from sagakit.api.models import (
+    INVALID,
     CancelRequest,
     EntryOut,
     ErrorOut,
@@ -20,6 +21,7 @@ from sagakit.api.models import (
     SignalRequest,
     StartOut,
     StartRequest,
+    Text,
     TimelineOut,
 )
 from sagakit.app import App
@@ -34,14 +36,22 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _WRONG_STATE: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "The saga is in the wrong state."}
 }
-_SCAN_PAGE = 500  # sagas read per query while looking for an idempotency key
+# Beyond any store's size, and within the signed 64-bit OFFSET that the databases take.
+MAX_OFFSET = 10**18
+
+SagaId = Annotated[Text, Path(description="The saga's id.")]
 
 
 def saga_routes(app: App) -> APIRouter:
     """The routes under ``/api/sagas``, acting on ``app``."""
-    router = APIRouter(prefix="/api/sagas", tags=["sagas"])
+    router = APIRouter(prefix="/api/sagas", tags=["sagas"], responses=INVALID)
 
-    @router.post("", status_code=status.HTTP_201_CREATED, response_model=StartOut)
+    @router.post(
+        "",
+        status_code=status.HTTP_201_CREATED,
+        response_model=StartOut,
+        responses={200: {"model": StartOut, "description": "The key had started it already."}},
+    )
     async def start_saga(body: StartRequest, response: Response) -> StartOut:
         """Start a saga. A start with an idempotency key already used returns that saga with
         200 and ``created: false``, and starts nothing."""
@@ -56,18 +66,18 @@ def saga_routes(app: App) -> APIRouter:
     @router.get("", response_model=SagaPage)
     async def list_sagas(
         *,
-        saga_type: Annotated[str | None, Query(alias="type")] = None,
+        saga_type: Annotated[Text | None, Query(alias="type")] = None,
         state: SagaState | None = None,
         created_since: Annotated[
             datetime | None, Query(description="ISO 8601; without a zone, the server's.")
         ] = None,
-        saga_id: Annotated[str | None, Query(alias="id")] = None,
-        idempotency_key: str | None = None,
+        saga_id: Annotated[Text | None, Query(alias="id")] = None,
+        idempotency_key: Text | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> SagaPage:
         """Sagas, newest first, filtered by type, state, creation time, id or idempotency key."""
-        since = None if created_since is None else created_since.astimezone()
+        since = None if created_since is None else _zoned(created_since)
         if saga_id is not None or idempotency_key is not None:
             found = await _lookup(app, saga_id, idempotency_key, state, saga_type)
             rows = [i for i in found if since is None or i.created_at >= since]
@@ -86,12 +96,12 @@ def saga_routes(app: App) -> APIRouter:
         )
 
     @router.get("/{saga_id}", response_model=SagaDetailOut, responses=_NOT_FOUND)
-    async def get_saga(saga_id: str) -> SagaDetailOut:
+    async def get_saga(saga_id: SagaId) -> SagaDetailOut:
         """One saga, with its input and output."""
         return SagaDetailOut.of(await app.get(saga_id))
 
     @router.get("/{saga_id}/timeline", response_model=TimelineOut, responses=_NOT_FOUND)
-    async def saga_timeline(saga_id: str) -> TimelineOut:
+    async def saga_timeline(saga_id: SagaId) -> TimelineOut:
         """The saga's journal, and its attempts and events as timeline rows."""
         entries = await app.journal(saga_id)
         info = await app.get(saga_id)
@@ -108,7 +118,7 @@ def saga_routes(app: App) -> APIRouter:
         response_model=SignalOut,
         responses={**_NOT_FOUND, **_WRONG_STATE},
     )
-    async def signal_saga(saga_id: str, body: SignalRequest) -> SignalOut:
+    async def signal_saga(saga_id: SagaId, body: SignalRequest) -> SignalOut:
         """Send the saga a signal; it is stored now and delivered when the saga waits for it."""
         sent = await app.signal(saga_id, body.name, body.payload, signal_id=body.signal_id)
         return SignalOut(saga_id=saga_id, name=body.name, sent=sent)
@@ -119,7 +129,7 @@ def saga_routes(app: App) -> APIRouter:
         response_model=SagaOut,
         responses={**_NOT_FOUND, **_WRONG_STATE},
     )
-    async def cancel_saga(saga_id: str, body: CancelRequest | None = None) -> SagaOut:
+    async def cancel_saga(saga_id: SagaId, body: CancelRequest | None = None) -> SagaOut:
         """Cancel the saga: it compensates the steps it completed and ends cancelled."""
         await app.cancel(saga_id, reason=body.reason if body is not None else "")
         return SagaOut.of(await app.get(saga_id))
@@ -130,7 +140,7 @@ def saga_routes(app: App) -> APIRouter:
         response_model=SagaOut,
         responses={**_NOT_FOUND, **_WRONG_STATE},
     )
-    async def retry_saga(saga_id: str) -> SagaOut:
+    async def retry_saga(saga_id: SagaId) -> SagaOut:
         """Resume a saga in needs_attention, after its cause was fixed."""
         await app.retry(saga_id)
         return SagaOut.of(await app.get(saga_id))
@@ -140,7 +150,7 @@ def saga_routes(app: App) -> APIRouter:
         response_model=SagaOut,
         responses={**_NOT_FOUND, **_WRONG_STATE},
     )
-    async def resolve_saga(saga_id: str, body: ResolveRequest) -> SagaOut:
+    async def resolve_saga(saga_id: SagaId, body: ResolveRequest) -> SagaOut:
         """Record that a saga in needs_attention was settled by hand; it ends failed."""
         return SagaOut.of(await app.resolve(saga_id, body.note))
 
@@ -157,24 +167,31 @@ async def _lookup(
     """The saga with this id and/or idempotency key that passes the filters (at most one)."""
     if saga_id is not None:
         try:
-            found = [await app.get(saga_id)]
+            found = await app.get(saga_id)
         except SagaNotFound:
             return []
-        return [
-            i
-            for i in found
-            if (key is None or i.idempotency_key == key)
-            and (state is None or i.state is state)
-            and (saga_type is None or i.saga_type == saga_type)
-        ]
-    # The store has no query by idempotency key, so this reads the listing page by page.
-    # TODO(issue 6): a Store lookup by key would make this one indexed query.
-    offset = 0
-    while batch := await app.list(
-        state=state, saga_type=saga_type, limit=_SCAN_PAGE, offset=offset
-    ):
-        for info in batch:
-            if info.idempotency_key == key:
-                return [info]
-        offset += _SCAN_PAGE
-    return []
+    elif key is not None:
+        await app.open()  # the store is read directly; a no-op once open
+        record = await app.store.by_idempotency_key(key)
+        if record is None:
+            return []
+        found = SagaInfo.of(record)
+    else:
+        return []
+    passes = (
+        (key is None or found.idempotency_key == key)
+        and (state is None or found.state is state)
+        and (saga_type is None or found.saga_type == saga_type)
+    )
+    return [found] if passes else []
+
+
+def _zoned(moment: datetime) -> datetime:
+    """``moment`` with a zone: the server's if it has none."""
+    if moment.tzinfo is not None:
+        return moment
+    try:
+        return moment.astimezone()
+    except (OverflowError, ValueError, OSError):
+        # Year 1 or 9999, where the local zone's rules run out: an hour either way is moot.
+        return moment.replace(tzinfo=UTC)

@@ -210,6 +210,11 @@ class Store(Protocol):
 
     async def get(self, saga_id: str) -> SagaRecord | None: ...
 
+    async def by_idempotency_key(self, key: str) -> SagaRecord | None:
+        """The saga started with idempotency key ``key``, or None. A key is unique across
+        the whole store, whatever the saga's type, so this is one indexed lookup."""
+        ...
+
     async def journal(self, saga_id: str) -> list[Entry]: ...
 
     async def list_sagas(

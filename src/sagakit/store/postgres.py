@@ -387,6 +387,10 @@ class PostgresStore:
         found = await self._execute(sql.GET, [saga_id])
         return rows.record(found[0]) if found else None
 
+    async def by_idempotency_key(self, key: str) -> SagaRecord | None:
+        found = await self._execute(sql.BY_KEY, [key])
+        return rows.record(found[0]) if found else None
+
     async def journal(self, saga_id: str) -> list[Entry]:
         return [rows.entry(r) for r in await self._execute(sql.JOURNALS, [[saga_id]])]
 

@@ -62,6 +62,7 @@ SELECT id FROM inserted
 """
 
 BY_KEYS: Final = f"SELECT {SAGA_COLUMNS} FROM sagakit_sagas WHERE idempotency_key = ANY($1)"
+BY_KEY: Final = f"SELECT {SAGA_COLUMNS} FROM sagakit_sagas WHERE idempotency_key = $1"
 GET: Final = f"SELECT {SAGA_COLUMNS} FROM sagakit_sagas WHERE id = $1"
 GET_FOR_UPDATE: Final = f"SELECT {SAGA_COLUMNS} FROM sagakit_sagas WHERE id = $1 FOR UPDATE"
 JOURNALS: Final = (

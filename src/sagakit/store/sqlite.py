@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from sagakit.clock import SYSTEM_CLOCK, Clock
 from sagakit.errors import (
@@ -120,12 +120,20 @@ def _create(conn: sqlite3.Connection, r: SagaRecord, first: Entry) -> tuple[Saga
         rows.saga_row(r),
     )
     if cur.rowcount == 0:
-        row = conn.execute(
-            f"SELECT {_COLS} FROM sagakit_sagas WHERE idempotency_key = ?", (r.idempotency_key,)
-        ).fetchone()
-        return rows.record(row), False
+        existing = _saga_where(conn, "idempotency_key", r.idempotency_key)
+        assert existing is not None  # the conflict was on this key, and rows are not deleted
+        return existing, False
     conn.execute(_INSERT_ENTRY, rows.entry_row(first))
     return r, True
+
+
+def _saga_where(
+    conn: sqlite3.Connection, column: Literal["id", "idempotency_key"], value: str | None
+) -> SagaRecord | None:
+    """The saga whose ``column`` (both are unique and indexed) is ``value``, or None."""
+    found = conn.execute(f"SELECT {_COLS} FROM sagakit_sagas WHERE {column} = ?", (value,))
+    row = found.fetchone()
+    return None if row is None else rows.record(row)
 
 
 def _journals(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, list[Entry]]:
@@ -429,12 +437,10 @@ class SqliteStore:
             raise StoreError(f"reading {self.location} failed: {exc}") from exc
 
     async def get(self, saga_id: str) -> SagaRecord | None:
-        def q(conn: sqlite3.Connection) -> SagaRecord | None:
-            row = conn.execute(f"SELECT {_COLS} FROM sagakit_sagas WHERE id = ?", (saga_id,))
-            found = row.fetchone()
-            return None if found is None else rows.record(found)
+        return await self._read(lambda conn: _saga_where(conn, "id", saga_id))
 
-        return await self._read(q)
+    async def by_idempotency_key(self, key: str) -> SagaRecord | None:
+        return await self._read(lambda conn: _saga_where(conn, "idempotency_key", key))
 
     async def journal(self, saga_id: str) -> list[Entry]:
         return await self._read(lambda conn: _journals(conn, [saga_id])[saga_id])
