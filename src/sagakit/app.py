@@ -11,8 +11,8 @@ from types import TracebackType
 from typing import Any
 
 from sagakit.clock import SYSTEM_CLOCK, Clock
-from sagakit.codec import decode, encode
-from sagakit.definition import Saga, Workflow
+from sagakit.codec import decode, encode, text_problem
+from sagakit.definition import Saga, Workflow, deadline_problem
 from sagakit.errors import (
     AppClosed,
     ConfigurationError,
@@ -30,7 +30,7 @@ from sagakit.messaging.outbox import OutboxRelay
 from sagakit.messaging.replies import GROUP as REPLY_GROUP
 from sagakit.messaging.replies import ReplyConsumer
 from sagakit.middleware import Middleware
-from sagakit.operations import Operations
+from sagakit.operations import Operations, check_text
 from sagakit.remote import DEFAULT_REPLY_TOPIC
 from sagakit.store import open_store
 from sagakit.store.base import SagaRecord, new_saga
@@ -282,10 +282,10 @@ class App(Operations):
         saga = self.definition(saga_type)
         if saga is None:
             raise UnknownSagaType(saga_type, self.saga_types)
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise ConfigurationError(
-                f"idempotency_key must be a str, got {type(idempotency_key).__name__}"
-            )
+        if idempotency_key is not None:
+            check_text(idempotency_key, "idempotency_key")
+        if deadline is not None and (problem := deadline_problem(deadline)):
+            raise ConfigurationError(f"{problem}; nothing was written")
         payload = encode(data, what=f"the input of saga {saga_type!r}")
         if saga.input_type is not None:
             try:
@@ -314,6 +314,8 @@ class App(Operations):
         return SagaHandle(self, saga_id)
 
     async def _record(self, saga_id: str) -> SagaRecord:
+        if not isinstance(saga_id, str) or text_problem(saga_id):
+            raise SagaNotFound(str(saga_id))  # no stored saga can have such an id
         await self._ready()
         record = await self.store.get(saga_id)
         if record is None:
@@ -339,6 +341,8 @@ class App(Operations):
             except ValueError:
                 known = ", ".join(s.value for s in SagaState)
                 raise ConfigurationError(f"unknown state {state!r}; use one of {known}") from None
+        if saga_type is not None and text_problem(saga_type):
+            return []  # no saga type has such a name
         await self._ready()
         records = await self.store.list_sagas(state=state, saga_type=saga_type, limit=limit,
                                         offset=offset)  # fmt: skip

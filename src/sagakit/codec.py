@@ -51,12 +51,32 @@ _ENCODER = json.JSONEncoder(
 )
 
 
+_SURROGATE = "is not valid Unicode: it has an unpaired surrogate (\\ud800-\\udfff)"
+
+
+def text_problem(value: str) -> str | None:
+    """Why a database cannot store ``value`` as text, or None if it can."""
+    if "\x00" in value:
+        return "contains the NUL character (\\u0000), which PostgreSQL cannot store"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _SURROGATE
+    return None
+
+
 def encode(value: Any, *, what: str = "payload") -> str:
     """Encode ``value`` as JSON text, or raise :class:`NotSerializable` naming ``what``."""
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotSerializable(what, str(exc)) from exc
+    if not text.isascii():  # a "\ud800" in a str survives json but no database stores it
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotSerializable(what, f"a string {_SURROGATE}") from None
     if TAG in text:  # rare: only then look for user dicts that would read back as a tag
         _refuse_reserved_key(value, what)
     return text

@@ -192,6 +192,19 @@ def _name(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
 
 
+MAX_DEADLINE = 100 * 365 * 86_400.0  # a century: past any business process, short of year 9999
+
+
+def deadline_problem(deadline: object) -> str | None:
+    """Why ``deadline`` (seconds) is not a usable saga deadline, or None if it is."""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        return f"deadline must be a number of seconds, got {deadline!r}"
+    if not 0 < deadline <= MAX_DEADLINE:  # also refuses NaN
+        limit = f"{MAX_DEADLINE:.0f} seconds (a century)"
+        return f"deadline must be > 0 and at most {limit}, got {deadline!r}"
+    return None
+
+
 def step(
     name: str,
     action: Action,
@@ -326,8 +339,8 @@ class Saga:
             value = getattr(self, cap)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise InvalidStep(self.name, "-", f"{cap} must be an int >= 1, got {value!r}")
-        if self.deadline is not None and not self.deadline > 0:
-            raise InvalidStep(self.name, "-", f"deadline must be > 0 seconds, got {self.deadline}")
+        if self.deadline is not None and (problem := deadline_problem(self.deadline)):
+            raise InvalidStep(self.name, "-", problem)
         self._validate_steps()
         if self.workflow is not None:
             if not inspect.iscoroutinefunction(self.workflow):

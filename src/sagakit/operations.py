@@ -13,7 +13,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from sagakit.clock import Clock
-from sagakit.codec import encode
+from sagakit.codec import encode, text_problem
 from sagakit.errors import ConfigurationError, InvalidSagaState
 from sagakit.handle import SagaHandle, SagaInfo
 from sagakit.journal import TERMINAL, Entry, Kind, SagaState
@@ -61,6 +61,7 @@ class Operations:
             raise ConfigurationError(
                 "resolve() needs a note (a non-empty str) saying what was done"
             )
+        check_text(note, "the note")
 
         def decide(record: SagaRecord, journal: builtins.list[Entry]) -> builtins.list[Entry]:
             _require_attention(record, "resolve")
@@ -88,6 +89,9 @@ class Operations:
             )
         if signal_id is not None and (not isinstance(signal_id, str) or not signal_id):
             raise ConfigurationError(f"signal_id must be a non-empty str, got {signal_id!r}")
+        check_text(name, "the signal name")
+        if signal_id is not None:
+            check_text(signal_id, "signal_id")
         encoded = encode(payload, what=f"the payload of signal {name!r}")
         await self._ready()
         _refuse_tracked(await self._record(saga_id), await self.store.journal(saga_id), "signal")
@@ -112,6 +116,7 @@ class Operations:
         """
         if not isinstance(reason, str):
             raise ConfigurationError(f"reason must be a str, got {reason!r}")
+        check_text(reason, "the reason", empty=True)
         await self._ready()
         record = await self._record(saga_id)
         journal = await self.store.journal(saga_id)
@@ -177,3 +182,13 @@ def _operator_entry(journal: list[Entry], kind: Kind, data: dict[str, Any]) -> E
     saga_id = journal[0].saga_id
     index = journal[-1].index + 1
     return Entry(saga_id=saga_id, index=index, kind=kind, at=time.time(), data=data)
+
+
+def check_text(value: str, what: str, *, empty: bool = False) -> None:
+    """Raise :class:`ConfigurationError` if ``value`` is not a str a database can store (or
+    is empty, unless ``empty``)."""
+    if not isinstance(value, str) or not (value or empty):
+        raise ConfigurationError(f"{what} must be a non-empty str, got {value!r}")
+    problem = text_problem(value)
+    if problem is not None:
+        raise ConfigurationError(f"{what} {problem}; nothing was written")

@@ -7,14 +7,12 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sagakit.definition import Parallel, Saga
+from sagakit.codec import text_problem
+from sagakit.definition import MAX_DEADLINE, Parallel, Saga
 from sagakit.handle import SagaInfo
 from sagakit.journal import Entry, SagaState
 from sagakit.timeline import TimelineRow
 
-# A century. Beyond any business process, and well short of the year 9999, past which a
-# deadline was stored but could not be read back as a date.
-MAX_DEADLINE = 100 * 365 * 86_400.0
 # JSON nested deeper than this could be stored but not sent back (pydantic stops at ~250).
 MAX_DEPTH = 64
 
@@ -31,10 +29,9 @@ def _unicode(value: str) -> bool:
 
 def storable_text(value: str) -> str:
     """``value`` if a database can store it as text, else a ValueError saying why."""
-    if "\x00" in value:  # PostgreSQL cannot store it
-        raise ValueError("must not contain the NUL character (\\u0000)")
-    if not _unicode(value):
-        raise ValueError("must be valid Unicode, without unpaired surrogates (\\ud800-\\udfff)")
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
