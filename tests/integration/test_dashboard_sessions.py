@@ -132,3 +132,8 @@ async def test_insecure_mode_logs_in_without_asking_on_loopback_only(app: App) -
         assert r.status_code == 403
         assert "set-cookie" not in r.headers
         assert (await c.get("/")).status_code == 403
+        api = await c.get("/api/sagas")  # nor can it read or act through the API
+        assert api.status_code == 403
+        assert "answers only at localhost" in api.json()["detail"]
+        assert (await c.post(f"/api/sagas/{handle.id}/cancel", json={})).status_code == 403
+        assert (await app.get(handle.id)).state is SagaState.COMPLETED

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
-from sagakit.api.auth import BearerAuth, document_bearer
+from sagakit.api.auth import BearerAuth, LoopbackOnly, document_bearer
 from sagakit.api.dashboard import create_dashboard, is_dashboard_path
 from sagakit.api.definitions import definition_routes
 from sagakit.api.errors import install_error_handlers
@@ -26,7 +26,8 @@ def create_api(app: App, *, token: str | None, metrics: Metrics | None = None) -
 
     The caller opens and closes ``app``. Every request needs ``Authorization: Bearer
     <token>``; ``token=None`` turns auth off, which ``sagakit serve`` allows only with
-    ``--insecure`` on a loopback address. The OpenAPI document is at ``/openapi.json``,
+    ``--insecure`` on a loopback address, and then every request must be addressed to a
+    loopback name (``Host``), else 403. The OpenAPI document is at ``/openapi.json``,
     behind the same token; there is no interactive docs page, since a browser cannot send
     the token when it loads one.
 
@@ -72,6 +73,8 @@ def create_api(app: App, *, token: str | None, metrics: Metrics | None = None) -
     create_dashboard(api, app, token)  # HTML pages at / and /sagas/{id}, behind a login cookie
     if token is not None:
         api.add_middleware(BearerAuth, token=token, exempt=is_dashboard_path)
+    else:  # --insecure: only this machine's own names, against DNS rebinding
+        api.add_middleware(LoopbackOnly)
     return api
 
 

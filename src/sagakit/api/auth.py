@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -176,3 +178,39 @@ def _derive(root: bytes, label: bytes) -> bytes:
     """A key for one purpose: HMAC-SHA256 keyed by the root secret over a label no other
     purpose uses, so a MAC made for one (a CSRF token, say) never passes as another."""
     return hmac.new(root, label, hashlib.sha256).digest()
+
+
+class LoopbackOnly:
+    """Without a token (``sagakit serve --insecure`` on a loopback address): refuse, with 403,
+    every request addressed to a name that is not a loopback one. A page of another site that
+    re-points its own name at 127.0.0.1 (DNS rebinding) would otherwise reach the API from the
+    user's browser; its requests carry that site's name in ``Host``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not addressed_to_loopback(Request(scope)):
+            refusal = JSONResponse(
+                {"error": "forbidden",
+                 "detail": "without a token this server answers only at localhost, 127.0.0.1 "
+                           "or [::1]; serve with a token to be reached by another name"},
+                status_code=403,
+            )  # fmt: skip
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def addressed_to_loopback(request: Request) -> bool:
+    """Whether the request's ``Host`` names a loopback address (or localhost)."""
+    host = request.headers.get("host")
+    if host is None:
+        return True  # HTTP/1.0 without a Host: no browser, so no page of another site
+    name = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -13,16 +13,15 @@ accept only that cookie; API paths keep requiring the bearer header
 must carry the session's CSRF token, and is refused when its ``Origin`` (or ``Sec-Fetch-Site``)
 says it came from another site; pages may not be framed.
 
-Without a token (``--insecure``) ``GET /login`` logs in without asking, and the dashboard
-answers only requests addressed to a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``):
-a page of another site whose name its DNS re-points at 127.0.0.1 is then refused rather than
-logged in.
+Without a token (``--insecure``) ``GET /login`` logs in without asking; the whole server then
+answers only requests addressed to a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``;
+:class:`~sagakit.api.auth.LoopbackOnly`), so a page of another site whose name its DNS re-points
+at 127.0.0.1 is refused rather than logged in.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
 import secrets
@@ -59,12 +58,11 @@ def is_dashboard_path(path: str) -> bool:
 class DashboardAuth:
     """On dashboard paths: a valid session cookie is required (else a redirect to the login
     page, or 403 for a POST) and a POST from another origin is refused; with
-    ``loopback_only``, so is a request addressed to a name that is not a loopback one."""
+    :class:`~sagakit.api.auth.LoopbackOnly` guards the whole server when there is no token."""
 
-    def __init__(self, app: ASGIApp, *, cookies: SessionCookies, loopback_only: bool) -> None:
+    def __init__(self, app: ASGIApp, *, cookies: SessionCookies) -> None:
         self.app = app
         self._cookies = cookies
-        self._loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_dashboard_path(scope["path"]):
@@ -72,9 +70,7 @@ class DashboardAuth:
             return
         request = Request(scope)
         refusal: Response | None = None
-        if self._loopback_only and not _addressed_to_loopback(request):
-            refusal = _refused("without a token the dashboard answers only at localhost")
-        elif request.method == "POST" and not _same_origin(request):
+        if request.method == "POST" and not _same_origin(request):
             refusal = _refused("cross-site request refused")
         elif scope["path"] != "/login":
             session = self._cookies.check(request.cookies.get(COOKIE))
@@ -90,19 +86,6 @@ class DashboardAuth:
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-def _addressed_to_loopback(request: Request) -> bool:
-    host = request.headers.get("host")
-    if host is None:
-        return True  # HTTP/1.0 without a Host: no browser, so no page of another site
-    name = host[1 : host.find("]")] if host.startswith("[") else host.partition(":")[0]
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _same_origin(request: Request) -> bool:
@@ -287,7 +270,7 @@ def create_dashboard(api: FastAPI, app: App, token: str | None) -> None:
         _set_cookie(response, request, FLASH_COOKIE, flash, FLASH_SECONDS)
         return response
 
-    api.add_middleware(DashboardAuth, cookies=cookies, loopback_only=token is None)
+    api.add_middleware(DashboardAuth, cookies=cookies)
 
 
 async def _act(app: App, saga_id: str, action: str, form: dict[str, str]) -> str:
