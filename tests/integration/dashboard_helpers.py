@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 
 from sagakit import App, RetryPolicy, Saga, WorkflowContext, step
 from sagakit.api import create_api
@@ -56,6 +58,17 @@ def register(app: App) -> None:
             ],
         )
     )
+
+
+@pytest.fixture(name="browser")
+async def browser_fixture(app: App) -> AsyncIterator[httpx.AsyncClient]:
+    """A client logged in to the dashboard (it holds the session cookie)."""
+    register(app)
+    async with client_for(app, TOKEN) as c:
+        cookie = (await log_in(c)).headers["set-cookie"].lower()
+        assert "httponly" in cookie
+        assert "samesite=strict" in cookie
+        yield c
 
 
 def client_for(app: App, token: str | None, base: str = "http://test") -> httpx.AsyncClient:

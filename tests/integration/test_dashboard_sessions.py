@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
-from dashboard_helpers import TOKEN, client_for, csrf_of, log_in, register
+from dashboard_helpers import TOKEN, browser_fixture, client_for, csrf_of, log_in, register  # noqa: F401 (the browser fixture)
 
 from sagakit import App, SagaState
 from sagakit.api.auth import SESSION_SECONDS, SessionCookies
 from sagakit.api.dashboard import COOKIE
 from sagakit.testing import until_waiting
-
-
-@pytest.fixture
-async def browser(app: App) -> AsyncIterator[httpx.AsyncClient]:
-    """A client logged in to the dashboard (it holds the session cookie)."""
-    register(app)
-    async with client_for(app, TOKEN) as c:
-        cookie = (await log_in(c)).headers["set-cookie"].lower()
-        assert "httponly" in cookie
-        assert "samesite=strict" in cookie
-        yield c
 
 
 async def test_a_session_is_a_signed_stateless_cookie(app: App) -> None:
