@@ -279,9 +279,12 @@ async def test_paging_through_the_list(app: App, browser: httpx.AsyncClient) -> 
     assert link(last, "older") is None
     assert '<b data-state="failed">1</b>' in last  # the counts stay those of every state
 
-    # The store counts sagas by state only: with a type filter the total is exact at the end.
+    # With a type filter the counts and the total are that type's.
     typed = (await browser.get("/", params={"type": "Order", "limit": "3"})).text
-    assert "showing 1-3 of more than 3" in typed
+    assert "showing 1-3 of 5" in typed
+    assert "Order, by state: " in typed
+    assert '<b data-state="failed">0</b>' in typed  # the failed saga is a Refund
+    assert '<b data-state="completed">5</b>' in typed
     assert 'name=limit value="3"' in typed  # a new filter keeps the page size
     typed_last = (await browser.get(link(typed, "older") or "")).text
     assert ids_in(typed_last) == newest_first[3:]

@@ -849,6 +849,12 @@ async def test_counts_per_state(stores: Stores) -> None:
         "needs_attention": 1,
         "running": 1,
     }
+    refund = await new_saga(store, saga_type="Refund")
+    await move_to(store, refund.id, Kind.SAGA_COMPLETED, payload="1")
+    assert await store.counts("Refund") == {"completed": 1}
+    assert (await store.counts("Order"))["completed"] == 2
+    assert await store.counts("Nope") == {}
+    assert (await store.counts())["completed"] == 3
 
 
 # -- errors at the boundary --------------------------------------------------------------------

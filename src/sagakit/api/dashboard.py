@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api import pages
 from sagakit.api.auth import FLASH_SECONDS, SESSION_SECONDS, Session, SessionCookies
+from sagakit.codec import text_problem
 from sagakit.errors import ConfigurationError, SagakitError, SagaNotFound
 from sagakit.graph import graph_for
 from sagakit.journal import ACTIVE, SagaState
@@ -187,11 +188,8 @@ def _bounded(text: str | None, default: int, low: int, high: int) -> int:
     return min(max(value, low), high)
 
 
-def _total(counts: dict[str, int], state: str | None, saga_type: str | None) -> int | None:
-    """How many sagas match the filters, from the counts by state; None with a type filter,
-    which the store does not count."""
-    if saga_type is not None:
-        return None
+def _total(counts: dict[str, int], state: str | None) -> int:
+    """How many sagas match the filters, from the counts by state of the type filtered on."""
     return counts.get(state, 0) if state else sum(counts.values())
 
 
@@ -214,11 +212,11 @@ def create_dashboard(api: FastAPI, app: App, token: str | None) -> None:
         # One row more than shown says whether an older page exists.
         rows = await app.list(state=state, saga_type=saga_type, limit=limit + 1, offset=offset)
         sagas, more = rows[:limit], len(rows) > limit
-        counts = await app.store.counts()
+        counts = {} if saga_type and text_problem(saga_type) else await app.store.counts(saga_type)
         where = pages.Where(state=state, saga_type=saga_type, limit=limit, default=PAGE_SIZE)
         paging = pages.paging(where, offset=offset, shown=len(sagas), more=more,
-                              total=_total(counts, state, saga_type))  # fmt: skip
-        fragment = pages.list_fragment(counts, sagas, paging, by_type=saga_type is not None)
+                              total=_total(counts, state))  # fmt: skip
+        fragment = pages.list_fragment(counts, sagas, paging, saga_type=saga_type)
         nonce = secrets.token_urlsafe(16)
         if query.get("fragment"):
             return _html(fragment, nonce)

@@ -129,18 +129,15 @@ class Where:
         return f"/?{kept}" if kept else "/"
 
 
-def paging(where: Where, *, offset: int, shown: int, more: bool, total: int | None) -> str:
+def paging(where: Where, *, offset: int, shown: int, more: bool, total: int) -> str:
     """The list's position ("showing 51-100 of 230") and links to the newer and older pages.
-
-    ``total`` is None when it is unknown (a type filter): it is then exact only on the last
-    page, and a lower bound before it."""
+    (``total`` is counted apart from the page, so sagas started in between may make the
+    page's rows run past it: the larger is shown.)"""
     last = offset + shown
     if shown == 0 and offset > 0:
         text = f"nothing from saga {offset + 1} on"
-    elif total is None and more:
-        text = f"showing {offset + 1}-{last} of more than {last}"
     else:
-        count = last if total is None else max(total, last)
+        count = max(total, last)
         text = f"showing {offset + 1}-{last} of {count}" if shown else f"showing 0 of {count}"
     links = ""
     if offset > 0:
@@ -151,10 +148,10 @@ def paging(where: Where, *, offset: int, shown: int, more: bool, total: int | No
 
 
 def list_fragment(
-    counts: dict[str, int], sagas: Sequence[SagaInfo], paging: str, *, by_type: bool
+    counts: dict[str, int], sagas: Sequence[SagaInfo], paging: str, *, saga_type: str | None
 ) -> str:
-    """The live part of the list page: counts by state (of every type), the page's rows and the
-    paging links."""
+    """The live part of the list page: counts by state (of ``saga_type`` if filtered on), the
+    page's rows and the paging links."""
     shown = " ".join(
         f'<span class="state-{esc(s.value)}">{esc(s.value)}: '
         f'<b data-state="{esc(s.value)}">{counts.get(s.value, 0)}</b></span>'
@@ -169,7 +166,7 @@ def list_fragment(
         for i in sagas
     )
     empty = "" if sagas else '<tr><td colspan="6">No saga matches.</td></tr>'
-    scope = "all types, by state: " if by_type else ""
+    scope = f"{esc(saga_type)}, by state: " if saga_type else ""
     return (
         f'<div class="counts">{scope}{shown}</div>{paging}<table id="sagas"><thead><tr>'
         "<th>id</th><th>type</th><th>state</th><th>current step</th><th>created</th>"

@@ -226,8 +226,8 @@ class Store(Protocol):
         offset: int = 0,
     ) -> list[SagaRecord]: ...
 
-    async def counts(self) -> dict[str, int]:
-        """Number of sagas in each state."""
+    async def counts(self, saga_type: str | None = None) -> dict[str, int]:
+        """Number of sagas in each state (of ``saga_type`` only, if given)."""
         ...
 
     # -- timers, signals, children (suspended sagas) ------------------------------------------

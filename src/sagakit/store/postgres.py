@@ -417,8 +417,10 @@ class PostgresStore:
         )
         return [rows.record(r) for r in await self._execute(statement, [*args, limit, offset])]
 
-    async def counts(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in await self._execute(sql.COUNTS, [])}
+    async def counts(self, saga_type: str | None = None) -> dict[str, int]:
+        if saga_type is None:
+            return {r[0]: r[1] for r in await self._execute(sql.COUNTS, [])}
+        return {r[0]: r[1] for r in await self._execute(sql.COUNTS_OF_TYPE, [saga_type])}
 
     # -- timers, signals, children (bodies in postgres_waits) ---------------------------------
 

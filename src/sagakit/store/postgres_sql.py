@@ -69,6 +69,9 @@ JOURNALS: Final = (
     f"SELECT {JOURNAL_COLUMNS} FROM sagakit_journal WHERE saga_id = ANY($1) ORDER BY saga_id, idx"
 )
 COUNTS: Final = "SELECT state, count(*) FROM sagakit_sagas GROUP BY state"
+COUNTS_OF_TYPE: Final = (
+    "SELECT state, count(*) FROM sagakit_sagas WHERE saga_type = $1 GROUP BY state"
+)
 
 # A worker is dead when its lease ran out, or when the connection it registered has been gone
 # for $7 seconds: PostgreSQL closes a killed process's connections at once, so takeover need not

@@ -471,9 +471,15 @@ class SqliteStore:
 
         return await self._read(q)
 
-    async def counts(self) -> dict[str, int]:
+    async def counts(self, saga_type: str | None = None) -> dict[str, int]:
         def q(conn: sqlite3.Connection) -> dict[str, int]:
-            found = conn.execute("SELECT state, count(*) FROM sagakit_sagas GROUP BY state")
+            if saga_type is None:
+                found = conn.execute("SELECT state, count(*) FROM sagakit_sagas GROUP BY state")
+            else:
+                found = conn.execute(
+                    "SELECT state, count(*) FROM sagakit_sagas WHERE saga_type = ? GROUP BY state",
+                    (saga_type,),
+                )
             return dict(found.fetchall())
 
         return await self._read(q)
