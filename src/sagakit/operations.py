@@ -68,7 +68,12 @@ class Operations:
             return [_operator_entry(journal, Kind.OPERATOR_RESOLVED, {"note": note})]
 
         await self._ready()
-        return SagaInfo.of(await self.store.append_checked(saga_id, decide))
+        info = SagaInfo.of(await self.store.append_checked(saga_id, decide))
+        if info.parent_id is not None:  # a parent waiting for this child learns of its end now
+            await self.store.wake(info.parent_id)
+            if self._runner is not None:
+                self._runner.wake()
+        return info
 
     async def signal(
         self, saga_id: str, name: str, payload: Any = None, *, signal_id: str | None = None

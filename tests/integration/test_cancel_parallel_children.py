@@ -13,7 +13,9 @@ from sagakit import (
     App,
     InvalidSagaState,
     Kind,
+    RetryPolicy,
     SagaState,
+    StepFailed,
     VirtualClock,
     WorkflowContext,
     parallel,
@@ -357,6 +359,43 @@ async def test_parent_compensation_runs_the_childs_compensation_path(db_url: str
         assert child.state is SagaState.FAILED
         assert child.error is not None
         assert child.error["type"] == "ParentCompensating"
+
+
+async def test_a_child_resolved_by_an_operator_wakes_its_parent_at_once(any_url: str) -> None:
+    """resolve() ends a parked child outside any worker run; the parent, unloaded while it
+    waits for the child, must hear of it then, not at its 60 s re-check."""
+
+    async def cannot_release(ctx: Any, data: Any, result: Any) -> None:
+        raise ConnectionError("the warehouse is offline")
+
+    app = App(any_url, poll_interval=0.05)
+    app.register(
+        Saga(
+            "Fragile",
+            steps=[
+                step("hold", act("hold"), compensate=cannot_release,
+                     compensate_retry=RetryPolicy(max_attempts=1)),
+                step("ship", act("ship", fail=True)),
+            ],
+        )
+    )  # fmt: skip
+
+    @app.saga("Parent")
+    async def parent(ctx: WorkflowContext, data: Any) -> Any:
+        try:
+            return await ctx.child("Fragile", None)
+        except StepFailed as exc:
+            return f"child ended: {exc.error_type}"
+
+    async with app:
+        handle = await app.start("Parent", None)
+        async with asyncio.timeout(5):
+            while not (kids := await app.list(saga_type="Fragile", state="needs_attention")):
+                await asyncio.sleep(0.02)
+        assert (await app.get(handle.id)).waiting
+        await app.resolve(kids[0].id, "released the hold by hand")
+        result = await asyncio.wait_for(handle.result(), 5)  # well before the 60 s re-check
+        assert result.startswith("child ended")
 
 
 async def test_child_survives_a_restart_of_the_parent(db_url: str) -> None:
