@@ -119,6 +119,40 @@ async def test_claim_skips_a_suspended_saga_until_it_is_due(stores: Stores) -> N
     assert await store.claim(10) == []
 
 
+async def test_claim_takes_ready_sagas_oldest_first_then_due_ones_by_wake_time(
+    stores: Stores,
+) -> None:
+    """The order the ready index gives: new or woken sagas by creation, then due waits by
+    their wake time; none of many waiting sagas is claimed, and they do not crowd out a
+    ready one (a claim of 2 gets the 2 first, not 2 of the waiting). A claim's rows come back
+    in no particular order, so the order is seen one claim at a time."""
+    store = await stores.worker()
+    now = time.time()
+    waiting = [await new_saga(store, owner=store.worker_id, created_at=now - 900 + n)
+               for n in range(30)]  # fmt: skip
+    for r in waiting:
+        await store.suspend(r.id, LATER, {}, [])
+    late_due = await new_saga(store, owner=store.worker_id, created_at=now - 800)
+    early_due = await new_saga(store, owner=store.worker_id, created_at=now - 700)
+    await store.suspend(late_due.id, now - 5, {}, [])
+    await store.suspend(early_due.id, now - 50, {}, [])
+    woken = await new_saga(store, owner=store.worker_id, created_at=now - 600)
+    await store.suspend(woken.id, LATER, {}, [])
+    await store.wake(woken.id)
+    new = await new_saga(store, created_at=now - 500)
+
+    first = [c.record.id for c in await store.claim(2)]
+    rest = []
+    for _ in range(2):
+        (one,) = await store.claim(1)
+        rest.append(one.record.id)
+    names = {woken.id: "woken", new.id: "new", early_due.id: "early", late_due.id: "late"}
+    assert {names.get(i, i) for i in first} == {"woken", "new"}
+    assert [names.get(i, i) for i in rest] == ["early", "late"]
+    assert await store.claim(10) == []
+    assert [(await row(store, r.id)).wake_at for r in waiting] == [LATER] * len(waiting)
+
+
 async def test_suspend_commits_after_the_queued_entries_of_the_saga(stores: Stores) -> None:
     store = await stores.worker()
     r = await new_saga(store, owner=store.worker_id)

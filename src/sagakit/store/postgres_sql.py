@@ -101,8 +101,10 @@ WITH mark AS (
       AND s.recoveries + (s.owner IS NOT NULL)::int >= $5
       AND s.recoveries + (s.owner IS NOT NULL)::int < $6
       AND (s.owner IS NULL OR s.owner NOT IN (SELECT id FROM live))
-      AND (s.wake_at IS NULL OR s.wake_at <= {DB_NOW})
-    ORDER BY s.created_at, s.id
+      -- ready: new or woken (NULL) or due; a range of index sagakit_sagas_ready that ends at
+      -- now (the subquery makes now one value, which an index condition can use)
+      AND COALESCE(s.wake_at, 0) <= (SELECT {DB_NOW})
+    ORDER BY COALESCE(s.wake_at, 0), s.created_at, s.id
     LIMIT $2
     FOR UPDATE OF s SKIP LOCKED
 )

@@ -167,7 +167,7 @@ def _claim(
         return []
     # Counted as this claim leaves it: a takeover from another owner adds one.
     where = [
-        "AND (wake_at IS NULL OR wake_at <= ?)",
+        "AND coalesce(wake_at, 0) <= ?",  # ready: a range of index sagakit_sagas_ready
         f"AND recoveries + (owner IS NOT NULL) {'>=' if suspects else '<'} ?",
     ]
     args: list[Any] = [owner, owner, now, suspect_after]
@@ -181,8 +181,11 @@ def _claim(
         "UPDATE sagakit_sagas SET owner = ?, wake_at = NULL, "
         "recoveries = recoveries + (owner IS NOT NULL), "
         "takeovers = takeovers + (owner IS NOT NULL) "
-        f"WHERE id IN (SELECT id FROM sagakit_sagas WHERE {_ACTIVE} "
-        f"AND (owner IS NULL OR owner != ?) {' '.join(where)} ORDER BY created_at, id LIMIT ?) "
+        # The planner, without statistics, would take the state index and sort every active
+        # saga, waiting ones included; the ready index's range ends at now.
+        "WHERE id IN (SELECT id FROM sagakit_sagas INDEXED BY sagakit_sagas_ready "
+        f"WHERE {_ACTIVE} AND (owner IS NULL OR owner != ?) {' '.join(where)} "
+        "ORDER BY coalesce(wake_at, 0), created_at, id LIMIT ?) "
         f"RETURNING {_COLS}",
         [*args, limit],
     ).fetchall()

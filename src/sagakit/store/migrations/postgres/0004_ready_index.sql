@@ -1,0 +1,9 @@
+-- sagakit schema version 4 on PostgreSQL: claims no longer walk past waiting sagas.
+-- A claim takes the active sagas that are ready: new or woken ones (wake_at NULL) and those
+-- whose wait is due (wake_at passed), oldest first. Keyed on COALESCE(wake_at, 0), the ready
+-- ones sort first (by creation) and the due ones after them (by wake time), so a claim's
+-- index range ends at now: sagas waiting for a later time (pending approvals, long timers,
+-- flows waiting forever) are never read by a claim, however many there are.
+CREATE INDEX sagakit_sagas_ready ON sagakit_sagas ((COALESCE(wake_at, 0)), created_at, id)
+    WHERE state IN ('started', 'running', 'compensating');
+DROP INDEX sagakit_sagas_active;
