@@ -35,6 +35,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/workers.py
 	$(BIN)/python benchmarks/remote.py
+	$(BIN)/python benchmarks/waiting.py
 
 clean:
 	rm -rf $(VENV) sagakit.db sagakit.db-wal sagakit.db-shm .pytest_cache .mypy_cache .ruff_cache
