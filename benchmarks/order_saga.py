@@ -10,10 +10,11 @@ import os
 from typing import Any
 
 from sagakit import App, Saga, step
-from sagakit.bench import ORDER_SAGA, STEPS, Declined, release, reserve
+from sagakit.bench import ORDER_SAGA, STEPS, Declined, charge, confirm, release, reserve, ship
 from sagakit.workflow import StepContext
 
-__all__ = ["HOLD_SAGA", "ORDER_SAGA", "STEPS", "Declined", "worker_app"]
+__all__ = ["HOLD_SAGA", "ORDER_SAGA", "STEPS", "Declined", "charge", "confirm", "reserve", "ship",
+           "worker_app"]  # fmt: skip
 
 
 async def hold(ctx: StepContext, data: dict[str, Any]) -> str:

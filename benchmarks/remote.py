@@ -41,8 +41,8 @@ from rich.table import Table
 
 import order_saga
 from order_saga import ORDER_SAGA
-from run import pg_schema_url
 from sagakit import App, Saga, step
+from sagakit.bench import scratch_schema
 from sagakit.examples.runner import forget_namespace
 from sagakit.journal import TERMINAL, SagaState
 from sagakit.messaging import open_broker
@@ -89,11 +89,8 @@ async def database(args: argparse.Namespace, backend: str, name: str) -> AsyncIt
     if backend == "sqlite":
         yield f"sqlite:///{args.workdir / f'{name}-{uuid.uuid4().hex[:6]}.db'}"
         return
-    url, drop = await pg_schema_url(args.pg)
-    try:
+    async with scratch_schema(args.pg) as url:
         yield url
-    finally:
-        await drop()
 
 
 @contextlib.asynccontextmanager

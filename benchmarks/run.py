@@ -20,7 +20,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dbos_order import measure_dbos_subprocess
 from order_saga import STEPS
 from sagakit.bench import bench, drive, plain_saga, scratch_schema
 
@@ -51,7 +50,9 @@ async def measure(args: argparse.Namespace, backend: str, in_flight: int, workdi
         async with scratch_schema(args.pg) as url:
             rate = await run_sagakit(n, in_flight, url)
     dbos = None
-    if args.dbos:
+    if args.dbos:  # needs the bench extra (make bench installs it)
+        from dbos_order import measure_dbos_subprocess
+
         dbos_n = args.dbos_n if in_flight > 1 else min(n, args.dbos_n)
         target = (
             "sqlite" if backend == "sqlite" else args.pg.rsplit("/", 1)[0] + "/sagakit_bench_dbos"

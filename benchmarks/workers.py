@@ -27,8 +27,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from run import pg_schema_url
 from sagakit import App
+from sagakit.bench import scratch_schema
 from sagakit.journal import TERMINAL
 
 HERE = Path(__file__).resolve().parent
@@ -73,7 +73,11 @@ async def settled(client: App, n: int) -> int:
 
 
 async def scaling(base: str, workers: int, n: int) -> float:
-    url, drop = await pg_schema_url(base)
+    async with scratch_schema(base) as url:
+        return await _scaling(url, workers, n)
+
+
+async def _scaling(url: str, workers: int, n: int) -> float:
     client = App(url, worker=False)
     from order_saga import ORDER_SAGA
 
@@ -88,11 +92,14 @@ async def scaling(base: str, workers: int, n: int) -> float:
     finally:
         stop(procs)
         await client.close()
-        await drop()
 
 
 async def recovery(base: str, n: int) -> float:
-    url, drop = await pg_schema_url(base)
+    async with scratch_schema(base) as url:
+        return await _recovery(url, n)
+
+
+async def _recovery(url: str, n: int) -> float:
     client = App(url, worker=False)
     from order_saga import HOLD_SAGA
 
@@ -116,7 +123,6 @@ async def recovery(base: str, n: int) -> float:
     finally:
         stop(procs)
         await client.close()
-        await drop()
 
 
 async def resumed_since(url: str, moment: float) -> int:

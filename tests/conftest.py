@@ -61,6 +61,13 @@ async def drop_schema(schema: str) -> None:
 
 
 @pytest.fixture
+def pg_base() -> str:
+    """The PostgreSQL URL without a schema (for code that makes scratch schemas itself)."""
+    require_pg()
+    return PG_BASE
+
+
+@pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A PostgreSQL URL with a schema of its own, dropped after the test."""
     require_pg()
