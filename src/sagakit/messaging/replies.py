@@ -36,8 +36,12 @@ class ReplyConsumer:
         topic: str,
         *,
         on_reply: Callable[[], None] | None = None,
+        concurrency: int = 16,
     ) -> None:
         self.store = store
+        # Replies stored at once: each is a database transaction, and one at a time a worker
+        # with many sagas in flight waits on its replies rather than on its steps.
+        self.concurrency = concurrency
         # This process's runner: a stored reply makes its saga claimable; on SQLite nothing
         # else would tell the runner before its next poll.
         self.on_reply = on_reply or (lambda: None)
@@ -61,18 +65,28 @@ class ReplyConsumer:
         backoff = 0.1
         while True:
             deliveries = self.broker.subscribe(self.topic, GROUP)
+            handling: set[asyncio.Task[None]] = set()
             try:
                 async for delivery in deliveries:
-                    await self.handle(delivery)
+                    while len(handling) >= self.concurrency:
+                        done, handling = await asyncio.wait(
+                            handling, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        for task in done:
+                            task.result()  # a store that failed: subscribe again
+                    handling.add(asyncio.create_task(self.handle(delivery)))
                     backoff = 0.1
+                await _finish(handling)
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the broker went away: subscribe again
+            except Exception as exc:  # the broker or the store went away: subscribe again
                 log.warning("consuming replies on %s failed (%s); retrying", self.topic, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                for task in handling:  # unacked, their replies are delivered again
+                    task.cancel()
                 # Give back what it holds now, not after ack_wait.
                 aclose = getattr(deliveries, "aclose", None)
                 if aclose is not None:
@@ -116,3 +130,9 @@ class ReplyConsumer:
 
         with contextlib.suppress(InvalidSagaState):
             await self.store.append_checked(saga_id, decide)
+
+
+async def _finish(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for ``tasks``; raise the first failure among them."""
+    for task in asyncio.as_completed(tasks):
+        await task
