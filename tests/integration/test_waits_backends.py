@@ -522,3 +522,44 @@ async def test_an_answer_after_the_approval_window_is_refused_also_when_no_worke
         assert info.error is not None
         assert info.error["type"] == "ApprovalExpired"
         assert Kind.SIGNAL_RECEIVED not in c.kinds()
+
+
+async def test_an_adopt_that_finds_a_saga_just_launched_leaves_its_run_alone(
+    any_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``App.start`` launches the saga it creates; the worker's periodic look for sagas it
+    owns but does not run can find it before that launch. Queued behind its run, a second
+    run started once the first had released the saga to wait, without owning it: its writes
+    were fenced out and the claim it overlapped was lost (seen as 'dropping saga' under load)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def hold(ctx: Any, data: Any) -> str:
+        entered.set()
+        await go.wait()
+        return "held"
+
+    app = new_app(any_url)
+
+    @app.saga("HoldThenWait")
+    async def flow(ctx: WorkflowContext, data: Any) -> str:
+        await ctx.step(hold, data)
+        await ctx.sleep(1.0)  # unloads: the run releases the saga
+        return "done"
+
+    async with app:
+        handle = await app.start("HoldThenWait", None)
+        await asyncio.wait_for(entered.wait(), 5)
+        runner = app._runner
+        assert runner is not None
+        adopted = await app.store.adopt([], 10)  # the query ran before the launch
+        assert [c.record.id for c in adopted] == [handle.id]
+        assert await runner.take_adopted(adopted) == 0  # it runs here
+        assert handle.id not in runner._again
+        go.set()
+        async with asyncio.timeout(5):  # its run released it to wait, and ended
+            while handle.id in runner.tasks or not (await app.get(handle.id)).waiting:
+                await asyncio.sleep(0.005)
+        assert await runner.take_adopted(adopted) == 0  # no longer owned here
+        assert handle.id not in runner.tasks
+        assert await asyncio.wait_for(handle.result(), 10) == "done"
+    assert not [r for r in caplog.records if "dropping saga" in r.getMessage()]
