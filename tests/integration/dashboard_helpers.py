@@ -1,4 +1,4 @@
-"""What the dashboard tests share: sagas to show, a token, a logged-in client."""
+"""What the API and dashboard tests share: step functions, a token, a logged-in client."""
 
 from __future__ import annotations
 

@@ -4,36 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from dashboard_helpers import FAST, TOKEN, broken_undo, fail_for_good, release, reserve
 
 from sagakit import App, ConfigurationError, RetryPolicy, Saga, SagaState, step
 from sagakit.api import create_api
 
-TOKEN = secrets.token_urlsafe(24)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FAST = 0.001
-
-
-async def reserve(ctx: Any, data: Any) -> dict[str, Any]:
-    return {"reserved": data["sku"]}
-
-
-async def release(ctx: Any, data: Any, result: Any) -> None:
-    return None
-
-
-async def fail_for_good(ctx: Any, data: Any) -> None:
-    raise RuntimeError("card declined")
-
-
-async def broken_undo(ctx: Any, data: Any, result: Any) -> None:
-    raise ConnectionError("inventory service unavailable")
 
 
 def register(app: App) -> None:
