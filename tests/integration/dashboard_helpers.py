@@ -39,6 +39,19 @@ async def approval(ctx: WorkflowContext, data: dict[str, Any]) -> dict[str, Any]
     return {"approved": decision["approve"], "by": decision["by"]}
 
 
+def broken() -> Saga:
+    """reserve completes, charge fails, reserve's compensation keeps failing: the saga ends
+    in needs_attention."""
+    undo_policy = RetryPolicy(max_attempts=1, initial_interval=FAST)
+    return Saga(
+        "Broken",
+        steps=[
+            step("reserve", reserve, compensate=broken_undo, compensate_retry=undo_policy),
+            step("charge", fail_for_good),
+        ],
+    )
+
+
 def register(app: App) -> None:
     app.register(Saga("Order", steps=[step("reserve", reserve, compensate=release)]))
     app.saga("Approval")(approval)
@@ -48,16 +61,7 @@ def register(app: App) -> None:
             steps=[step("reserve", reserve, compensate=release), step("charge", fail_for_good)],
         )
     )
-    undo_policy = RetryPolicy(max_attempts=1, initial_interval=FAST)
-    app.register(
-        Saga(
-            "Broken",
-            steps=[
-                step("reserve", reserve, compensate=broken_undo, compensate_retry=undo_policy),
-                step("charge", fail_for_good),
-            ],
-        )
-    )
+    app.register(broken())
 
 
 @pytest.fixture(name="browser")

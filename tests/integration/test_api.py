@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from dashboard_helpers import FAST, TOKEN, broken_undo, fail_for_good, release, reserve
+from dashboard_helpers import TOKEN, broken, release, reserve
 
-from sagakit import App, ConfigurationError, RetryPolicy, Saga, SagaState, step
+from sagakit import App, ConfigurationError, Saga, SagaState, step
 from sagakit.api import create_api
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -20,17 +20,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def register(app: App) -> None:
     app.register(Saga("Order", steps=[step("reserve", reserve, compensate=release)]))
-    # reserve completes, charge fails, reserve's compensation keeps failing: needs_attention.
-    undo_policy = RetryPolicy(max_attempts=1, initial_interval=FAST)
-    app.register(
-        Saga(
-            "Broken",
-            steps=[
-                step("reserve", reserve, compensate=broken_undo, compensate_retry=undo_policy),
-                step("charge", fail_for_good),
-            ],
-        )
-    )
+    app.register(broken())
 
     @app.saga("Approval")
     async def approval(ctx: Any, data: Any) -> Any:
