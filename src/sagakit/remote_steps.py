@@ -105,11 +105,9 @@ async def _send(
 
 async def _reply(run: SagaRun, message_id: str) -> tuple[str, str | None, float] | None:
     """The stored reply (type, payload JSON, when stored) to command ``message_id``, if any."""
-    name = REPLY_SIGNAL + message_id
-    for s in await run.store.signals(run.saga_id):
-        if s.name == name:
-            stored = decode(s.payload) or {}
-            return str(stored.get("type")), stored.get("payload"), s.at
+    for s in await run.store.signals(run.saga_id, REPLY_SIGNAL + message_id):
+        stored = decode(s.payload) or {}
+        return str(stored.get("type")), stored.get("payload"), s.at
     return None
 
 

@@ -300,6 +300,9 @@ async def test_signals_come_in_order_of_arrival(stores: Stores) -> None:
     ids = sorted([*got_a, *got_b], key=lambda s: s.id)
     assert [s.signal_id for s in ids] == ["a1", "b1", "a2", "a3", "b2"], "ids order all arrivals"
     assert len({s.id for s in ids}) == 5
+    assert [s.signal_id for s in await store.signals(a.id, "x")] == ["a1", "a3"]
+    assert [s.signal_id for s in await store.signals(b.id, "y")] == ["b2"]
+    assert await store.signals(a.id, "z") == []
 
 
 async def test_cancel_requests_are_cancel_signals_to_active_sagas_after_an_id(

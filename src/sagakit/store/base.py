@@ -273,8 +273,8 @@ class Store(Protocol):
         """
         ...
 
-    async def signals(self, saga_id: str) -> list[Signal]:
-        """The saga's signals in order of arrival."""
+    async def signals(self, saga_id: str, name: str | None = None) -> list[Signal]:
+        """The saga's signals (named ``name`` only, if given) in order of arrival."""
         ...
 
     # -- the outbox ------------------------------------------------------------------------------

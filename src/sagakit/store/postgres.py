@@ -443,8 +443,8 @@ class PostgresStore:
     ) -> bool:
         return await self._waits.send_signal(saga_id, signal_id, name, payload, at)
 
-    async def signals(self, saga_id: str) -> list[Signal]:
-        return await self._waits.signals(saga_id)
+    async def signals(self, saga_id: str, name: str | None = None) -> list[Signal]:
+        return await self._waits.signals(saga_id, name)
 
     async def cancel_requests(self, after: int) -> list[Signal]:
         return await self._waits.cancel_requests(after)

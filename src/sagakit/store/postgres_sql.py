@@ -198,6 +198,9 @@ RETURNING id
 # the wake_at that SUSPEND set. The state it returns is the one after any such wait.
 WAKE_FOR_SIGNAL: Final = "UPDATE sagakit_sagas SET wake_at = NULL WHERE id = $1 RETURNING state"
 SIGNALS: Final = f"SELECT {SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = $1 ORDER BY id"
+SIGNALS_NAMED: Final = (
+    f"SELECT {SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = $1 AND name = $2 ORDER BY id"
+)
 CANCEL_REQUESTS: Final = f"""
 SELECT {", ".join("g." + c.strip() for c in SIGNAL_COLUMNS.split(","))}
 FROM sagakit_signals g JOIN sagakit_sagas s ON s.id = g.saga_id

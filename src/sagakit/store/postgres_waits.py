@@ -149,9 +149,12 @@ class PgWaits:
         if state in _TERMINAL:
             raise InvalidSagaState(saga_id, state, f"signal {name!r} to", "not finished")
 
-    async def signals(self, saga_id: str) -> list[Signal]:
+    async def signals(self, saga_id: str, name: str | None = None) -> list[Signal]:
         async with translate(self._location):
-            found = await self._pool().fetch(sql.SIGNALS, saga_id)
+            if name is None:
+                found = await self._pool().fetch(sql.SIGNALS, saga_id)
+            else:
+                found = await self._pool().fetch(sql.SIGNALS_NAMED, saga_id, name)
         return [rows.signal(r) for r in found]
 
     async def cancel_requests(self, after: int) -> list[Signal]:

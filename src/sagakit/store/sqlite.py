@@ -523,8 +523,8 @@ class SqliteStore:
             )
         )
 
-    async def signals(self, saga_id: str) -> list[Signal]:
-        return await self._read(lambda conn: waits.signals(conn, saga_id))
+    async def signals(self, saga_id: str, name: str | None = None) -> list[Signal]:
+        return await self._read(lambda conn: waits.signals(conn, saga_id, name))
 
     async def outbox_claim(self, limit: int, lease: float) -> list[OutboxMessage]:
         now = time.time()  # the relay's own time, not the sagas' (which a test may skip)

@@ -75,11 +75,12 @@ def send_signal(
     return True
 
 
-def signals(conn: sqlite3.Connection, saga_id: str) -> list[Signal]:
-    found = conn.execute(
-        f"SELECT {rows.SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = ? ORDER BY id",
-        (saga_id,),
-    )
+def signals(conn: sqlite3.Connection, saga_id: str, name: str | None = None) -> list[Signal]:
+    query = f"SELECT {rows.SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = ?"
+    if name is None:
+        found = conn.execute(f"{query} ORDER BY id", (saga_id,))
+    else:
+        found = conn.execute(f"{query} AND name = ? ORDER BY id", (saga_id, name))
     return [rows.signal(r) for r in found]
 
 
