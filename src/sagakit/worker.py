@@ -31,7 +31,7 @@ from sagakit.errors import (
     RecoveryLimitExceeded,
     StoreError,
 )
-from sagakit.journal import TERMINAL, Entry, Kind, SagaState
+from sagakit.journal import ACTIVE, TERMINAL, Entry, Kind, SagaState
 from sagakit.middleware import Middleware, SagaCall, chain_saga
 from sagakit.remote import DEFAULT_REPLY_TOPIC
 from sagakit.store.base import Claimed, SagaRecord, Store, TypeCap
@@ -276,16 +276,23 @@ class Runner:
         just before its launch, whose run may even have released it since (to wait). Such a
         saga is left alone: queued behind that run, or started after it, a second run would
         go on without owning the saga, its writes fenced out and a claim it overlapped lost.
-        So each is run only if it is still owned here and runs nowhere here (adopt is rare,
-        and mostly finds nothing: the extra read costs nothing in the common case)."""
+        So each is run only if it is still active, owned here and runs nowhere here, from its
+        journal as it is then (the one the query read may predate that run's last writes).
+        Adopt is rare, and mostly finds nothing: the extra reads cost nothing in the common
+        case."""
         launched = 0
         for c in adopted:
             if c.record.id in self.tasks:
                 continue
             now = await self.store.get(c.record.id)
-            if now is None or now.owner != self.store.worker_id or c.record.id in self.tasks:
+            if (
+                now is None
+                or now.state not in ACTIVE
+                or now.owner != self.store.worker_id
+                or c.record.id in self.tasks
+            ):
                 continue
-            self.launch(now, c.journal)
+            self.launch(now)  # its run reads the journal afresh
             launched += 1
         return launched
 

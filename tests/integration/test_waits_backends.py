@@ -9,6 +9,7 @@ sleep test reads that clock from the step that runs after the timer fired.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -567,3 +568,45 @@ async def test_an_adopt_that_finds_a_saga_just_launched_leaves_its_run_alone(
         assert handle.id not in runner.tasks
         assert await asyncio.wait_for(handle.result(), 10) == "done"
     assert not [r for r in caplog.records if "dropping saga" in r.getMessage()]
+
+
+async def test_an_adopted_saga_runs_from_its_journal_as_it_is_at_launch(any_url: str) -> None:
+    """The journal an adopt query read can predate a run that went on meanwhile (here a run
+    stopped on its way while the saga stayed owned, as one stopped by a store error does):
+    replaying that old journal would run again a step whose outcome was committed since."""
+    calls: dict[str, int] = {"one": 0, "two": 0, "three": 0}
+    gates = {name: asyncio.Event() for name in calls}
+
+    def gated(name: str) -> Any:
+        async def body(ctx: Any, data: Any) -> str:
+            calls[name] += 1
+            await gates[name].wait()
+            return name
+
+        body.__name__ = name
+        return body
+
+    app = new_app(any_url)
+    app.register(Saga("Gated", steps=[step(n, gated(n)) for n in calls]))
+    async with app:
+        handle = await app.start("Gated", None)
+        runner = app._runner
+        assert runner is not None
+        gates["one"].set()
+        async with asyncio.timeout(5):
+            while calls["two"] == 0:
+                await asyncio.sleep(0.005)
+        adopted = await app.store.adopt([], 10)  # read while step two runs
+        gates["two"].set()
+        async with asyncio.timeout(5):
+            while calls["three"] == 0:
+                await asyncio.sleep(0.005)
+        run = runner.tasks[handle.id]
+        run.cancel()  # the run stops; the saga stays owned here, step two committed
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        assert await runner.take_adopted(adopted) == 1
+        gates["three"].set()
+        assert await asyncio.wait_for(handle.result(), 5) == {
+            "one": "one", "two": "two", "three": "three"}  # fmt: skip
+    assert calls == {"one": 1, "two": 1, "three": 2}  # three had not ended: it runs again
