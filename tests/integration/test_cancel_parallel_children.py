@@ -392,6 +392,12 @@ async def test_a_child_resolved_by_an_operator_wakes_its_parent_at_once(any_url:
         async with asyncio.timeout(5):
             while not (kids := await app.list(saga_type="Fragile", state="needs_attention")):
                 await asyncio.sleep(0.02)
+        # The child's parking wakes the parent, which looks and waits again: resolve only
+        # once it waits, so that nothing but the resolve can end its wait.
+        async with asyncio.timeout(5):
+            while not (await app.get(handle.id)).waiting:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
         assert (await app.get(handle.id)).waiting
         await app.resolve(kids[0].id, "released the hold by hand")
         result = await asyncio.wait_for(handle.result(), 5)  # well before the 60 s re-check
