@@ -36,6 +36,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/workers.py
 	$(BIN)/python benchmarks/remote.py
 	$(BIN)/python benchmarks/waiting.py
+	$(BIN)/python benchmarks/signals.py
 
 clean:
 	rm -rf $(VENV) sagakit.db sagakit.db-wal sagakit.db-shm .pytest_cache .mypy_cache .ruff_cache

@@ -49,3 +49,8 @@ def test_remote_py_on_the_memory_broker() -> None:
 def test_workers_py(pg_base: str) -> None:
     out = bench("workers.py", "--n", "40", "--in-flight", "20", "--pg", pg_base)
     assert "recovery" in out.lower()
+
+
+def test_signals_py(pg_base: str) -> None:
+    out = bench("signals.py", "--signals", "60", "--pg", pg_base)
+    assert "median" in out

@@ -186,17 +186,33 @@ WHERE s.id = t.id AND t.wake_at IS NOT NULL
 RETURNING s.id
 """
 NEXT_WAKE: Final = f"SELECT min(wake_at) FROM sagakit_sagas WHERE wake_at IS NOT NULL AND {ACTIVE}"
-SAGA_STATE: Final = "SELECT state FROM sagakit_sagas WHERE id = $1"
-# A signal's arrival is timed by the database clock, which judges the timeouts of waits too.
-INSERT_SIGNAL: Final = f"""
-INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at)
-VALUES ($1, $2, $3, $4, {DB_NOW})
-ON CONFLICT (saga_id, signal_id) DO NOTHING
-RETURNING id
+# A signal in one statement (one round trip in its transaction):
+# - before: the saga's state (NULL: no such saga); an ended saga stores nothing;
+# - stored: the new signal's id, NULL for a signal_id already stored. Its arrival is timed by
+#   the database clock, which judges the timeouts of waits too;
+# - after: the state once the saga was woken (NULL when nothing was stored). The wake has no
+#   test of wake_at: it waits for a SUSPEND that holds the row, then clears the wake_at that
+#   SUSPEND set, and its state is the one after any such wait (the caller rolls back if the
+#   saga ended meanwhile);
+# - a NOTIFY for the workers when a signal was stored (sent at commit, so not on rollback).
+SEND_SIGNAL: Final = f"""
+WITH before AS (SELECT state FROM sagakit_sagas WHERE id = $1),
+stored AS (
+    INSERT INTO sagakit_signals (saga_id, signal_id, name, payload, at)
+    SELECT $1, $2, $3, $4, {DB_NOW} FROM before
+    WHERE before.state NOT IN ('completed', 'failed', 'cancelled')
+    ON CONFLICT (saga_id, signal_id) DO NOTHING
+    RETURNING id
+),
+woken AS (
+    UPDATE sagakit_sagas SET wake_at = NULL
+    WHERE id = $1 AND EXISTS (SELECT 1 FROM stored)
+    RETURNING state
+),
+told AS (SELECT pg_notify($5, '') FROM stored)
+SELECT (SELECT state FROM before) AS before, (SELECT id FROM stored) AS stored,
+       (SELECT state FROM woken) AS after, (SELECT count(*) FROM told) AS told
 """
-# Unconditional (no test of wake_at): it waits for a SUSPEND that holds the row, then clears
-# the wake_at that SUSPEND set. The state it returns is the one after any such wait.
-WAKE_FOR_SIGNAL: Final = "UPDATE sagakit_sagas SET wake_at = NULL WHERE id = $1 RETURNING state"
 SIGNALS: Final = f"SELECT {SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = $1 ORDER BY id"
 SIGNALS_NAMED: Final = (
     f"SELECT {SIGNAL_COLUMNS} FROM sagakit_signals WHERE saga_id = $1 AND name = $2 ORDER BY id"

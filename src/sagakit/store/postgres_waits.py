@@ -133,13 +133,15 @@ class PgWaits:
     ) -> bool:
         pool = self._pool()
         async with translate(self._location), pool.acquire() as conn, conn.transaction():
-            self._check_open(saga_id, name, await conn.fetchval(sql.SAGA_STATE, saga_id))
-            stored = await conn.fetchval(sql.INSERT_SIGNAL, saga_id, signal_id, name, payload)
-            if stored is None:
+            found = await conn.fetchrow(
+                sql.SEND_SIGNAL, saga_id, signal_id, name, payload, self._channel
+            )
+            assert found is not None  # the statement always returns its one row
+            self._check_open(saga_id, name, found["before"])
+            if found["stored"] is None:
                 return False
             # The saga may have ended while this waited for its row: raising rolls back.
-            self._check_open(saga_id, name, await conn.fetchval(sql.WAKE_FOR_SIGNAL, saga_id))
-            await conn.execute(sql.NOTIFY, self._channel)
+            self._check_open(saga_id, name, found["after"])
         return True
 
     @staticmethod
