@@ -31,10 +31,10 @@ from sagakit.errors import (
     RecoveryLimitExceeded,
     StoreError,
 )
-from sagakit.journal import ACTIVE, TERMINAL, Entry, Kind, SagaState
+from sagakit.journal import TERMINAL, Entry, Kind, SagaState
 from sagakit.middleware import Middleware, SagaCall, chain_saga
 from sagakit.remote import DEFAULT_REPLY_TOPIC
-from sagakit.store.base import Claimed, SagaRecord, Store, TypeCap
+from sagakit.store.base import SagaRecord, Store, TypeCap
 
 log = logging.getLogger("sagakit.worker")
 
@@ -245,7 +245,9 @@ class Runner:
         if self._adopt_due:
             adopted = await self.store.adopt(list(self.tasks), CLAIM_BATCH)
             self._adopt_due = False
-            launched += await self.take_adopted(adopted)
+            for c in adopted:
+                self.launch(c.record, c.journal)
+            launched += len(adopted)
         while True:
             free = self.settings.max_concurrency - len(self.tasks)
             if free <= 0:
@@ -268,32 +270,6 @@ class Runner:
                 self._suspects.add(c.record.id)
                 self.launch(c.record, c.journal)
                 launched += 1
-        return launched
-
-    async def take_adopted(self, adopted: list[Claimed]) -> int:
-        """Run the sagas :meth:`Store.adopt` found owned here but not running; return how
-        many. ``App.start`` launches the sagas it creates itself, so the query can find one
-        just before its launch, whose run may even have released it since (to wait). Such a
-        saga is left alone: queued behind that run, or started after it, a second run would
-        go on without owning the saga, its writes fenced out and a claim it overlapped lost.
-        So each is run only if it is still active, owned here and runs nowhere here, from its
-        journal as it is then (the one the query read may predate that run's last writes).
-        Adopt is rare, and mostly finds nothing: the extra reads cost nothing in the common
-        case."""
-        launched = 0
-        for c in adopted:
-            if c.record.id in self.tasks:
-                continue
-            now = await self.store.get(c.record.id)
-            if (
-                now is None
-                or now.state not in ACTIVE
-                or now.owner != self.store.worker_id
-                or c.record.id in self.tasks
-            ):
-                continue
-            self.launch(now)  # its run reads the journal afresh
-            launched += 1
         return launched
 
     async def _take_cancels(self) -> None:

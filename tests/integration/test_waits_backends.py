@@ -9,7 +9,6 @@ sleep test reads that clock from the step that runs after the timer fired.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -527,86 +526,3 @@ async def test_an_answer_after_the_approval_window_is_refused_also_when_no_worke
         assert info.error is not None
         assert info.error["type"] == "ApprovalExpired"
         assert Kind.SIGNAL_RECEIVED not in c.kinds()
-
-
-async def test_an_adopt_that_finds_a_saga_just_launched_leaves_its_run_alone(
-    any_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """``App.start`` launches the saga it creates; the worker's periodic look for sagas it
-    owns but does not run can find it before that launch. Queued behind its run, a second
-    run started once the first had released the saga to wait, without owning it: its writes
-    were fenced out and the claim it overlapped was lost (seen as 'dropping saga' under load)."""
-    entered, go = asyncio.Event(), asyncio.Event()
-
-    async def hold(ctx: Any, data: Any) -> str:
-        entered.set()
-        await go.wait()
-        return "held"
-
-    app = new_app(any_url)
-
-    @app.saga("HoldThenWait")
-    async def flow(ctx: WorkflowContext, data: Any) -> str:
-        await ctx.step(hold, data)
-        await ctx.sleep(1.0)  # unloads: the run releases the saga
-        return "done"
-
-    async with app:
-        handle = await app.start("HoldThenWait", None)
-        await asyncio.wait_for(entered.wait(), 5)
-        runner = app._runner
-        assert runner is not None
-        adopted = await app.store.adopt([], 10)  # the query ran before the launch
-        assert [c.record.id for c in adopted] == [handle.id]
-        assert await runner.take_adopted(adopted) == 0  # it runs here
-        assert handle.id not in runner._again
-        go.set()
-        async with asyncio.timeout(5):  # its run released it to wait, and ended
-            while handle.id in runner.tasks or not (await app.get(handle.id)).waiting:
-                await asyncio.sleep(0.005)
-        assert await runner.take_adopted(adopted) == 0  # no longer owned here
-        assert handle.id not in runner.tasks
-        assert await asyncio.wait_for(handle.result(), 10) == "done"
-    assert not [r for r in caplog.records if "dropping saga" in r.getMessage()]
-
-
-async def test_an_adopted_saga_runs_from_its_journal_as_it_is_at_launch(any_url: str) -> None:
-    """The journal an adopt query read can predate a run that went on meanwhile (here a run
-    stopped on its way while the saga stayed owned, as one stopped by a store error does):
-    replaying that old journal would run again a step whose outcome was committed since."""
-    calls: dict[str, int] = {"one": 0, "two": 0, "three": 0}
-    gates = {name: asyncio.Event() for name in calls}
-
-    def gated(name: str) -> Any:
-        async def body(ctx: Any, data: Any) -> str:
-            calls[name] += 1
-            await gates[name].wait()
-            return name
-
-        body.__name__ = name
-        return body
-
-    app = new_app(any_url)
-    app.register(Saga("Gated", steps=[step(n, gated(n)) for n in calls]))
-    async with app:
-        handle = await app.start("Gated", None)
-        runner = app._runner
-        assert runner is not None
-        gates["one"].set()
-        async with asyncio.timeout(5):
-            while calls["two"] == 0:
-                await asyncio.sleep(0.005)
-        adopted = await app.store.adopt([], 10)  # read while step two runs
-        gates["two"].set()
-        async with asyncio.timeout(5):
-            while calls["three"] == 0:
-                await asyncio.sleep(0.005)
-        run = runner.tasks[handle.id]
-        run.cancel()  # the run stops; the saga stays owned here, step two committed
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
-        assert await runner.take_adopted(adopted) == 1
-        gates["three"].set()
-        assert await asyncio.wait_for(handle.result(), 5) == {
-            "one": "one", "two": "two", "three": "three"}  # fmt: skip
-    assert calls == {"one": 1, "two": 1, "three": 2}  # three had not ended: it runs again
