@@ -54,16 +54,23 @@ _ENCODER = json.JSONEncoder(
 _SURROGATE = "is not valid Unicode: it has an unpaired surrogate (\\ud800-\\udfff)"
 
 
+def is_unicode(value: str) -> bool:
+    """Whether ``value`` is valid Unicode: a JSON "\\ud800" escape decodes to an unpaired
+    surrogate, which no database stores and no response can carry."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def text_problem(value: str) -> str | None:
     """Why a database cannot store ``value`` as text, or None if it can."""
     if "\x00" in value:
         return "contains the NUL character (\\u0000), which PostgreSQL cannot store"
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return _SURROGATE
-    return None
+    return None if is_unicode(value) else _SURROGATE
 
 
 def encode(value: Any, *, what: str = "payload") -> str:
@@ -72,11 +79,8 @@ def encode(value: Any, *, what: str = "payload") -> str:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotSerializable(what, str(exc)) from exc
-    if not text.isascii():  # a "\ud800" in a str survives json but no database stores it
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise NotSerializable(what, f"a string {_SURROGATE}") from None
+    if not is_unicode(text):  # a "\ud800" in a str survives json but no database stores it
+        raise NotSerializable(what, f"a string {_SURROGATE}")
     if TAG in text:  # rare: only then look for user dicts that would read back as a tag
         _refuse_reserved_key(value, what)
     return text

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sagakit.codec import text_problem
+from sagakit.codec import is_unicode, text_problem
 from sagakit.definition import MAX_DEADLINE, Parallel, Saga
 from sagakit.handle import SagaInfo
 from sagakit.journal import Entry, SagaState
@@ -15,16 +15,6 @@ from sagakit.timeline import TimelineRow
 
 # JSON nested deeper than this could be stored but not sent back (pydantic stops at ~250).
 MAX_DEPTH = 64
-
-
-def _unicode(value: str) -> bool:
-    # A JSON "\ud800" escape decodes to an unpaired surrogate, which is not Unicode: no
-    # database stores it and no response can carry it.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def storable_text(value: str) -> str:
@@ -41,7 +31,7 @@ def storable_json(value: Any) -> Any:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            if not _unicode(item):
+            if not is_unicode(item):
                 raise ValueError("has a string that is not valid Unicode (an unpaired surrogate)")
         elif isinstance(item, dict | list):
             if depth >= MAX_DEPTH:
